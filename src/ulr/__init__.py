@@ -1,3 +1,32 @@
-"""ulr: train neural networks without backpropagation (Unified Likelihood Ratio)."""
+"""ulr: train neural networks without backpropagation, by the Unified Likelihood Ratio method.
+
+Noise is injected at chosen sites of any PyTorch model; from noisy forward passes alone
+:class:`LikelihoodRatio` estimates every parameter's gradient and accumulates it into
+``p.grad``, so any ``torch.optim`` optimizer can use it.
+"""
+
+from . import baselines, functional, plans, samplers, sites
+from .estimator import LikelihoodRatio, replicate
+from .noise import Gaussian, Laplace, Logistic, Noise
+from .samplers import antithetic, iid
+from .sites import perturb
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "LikelihoodRatio",
+    "Gaussian",
+    "Laplace",
+    "Logistic",
+    "Noise",
+    "antithetic",
+    "iid",
+    "perturb",
+    "replicate",
+    "baselines",
+    "functional",
+    "plans",
+    "samplers",
+    "sites",
+    "__version__",
+]

@@ -1,0 +1,108 @@
+"""Pure tensor math of the likelihood-ratio estimator (no state, no hooks).
+
+Notation: ``N = K·B`` rows (``K`` noise copies of ``B`` examples, copy-major), a site's output
+``v`` of shape ``[N, *site]``, its noise ``z`` of the same shape, per-row weights ``w`` of shape
+``[N]`` (losses after the baseline). The **LR signal** of the site is
+
+.. math::  g_n = \\frac{1}{N} \\, w_n \\, \\bigl(-\\nabla_z \\ln f(z_n)\\bigr)
+
+and the gradient of a parameter ``θ`` of the site's module is the local vector-Jacobian product
+``J_θ(v)^T g``. For ``nn.Linear`` and ``nn.Conv{1,2,3}d`` it has a closed form that needs no
+autograd graph (functions below); any other module uses autograd inside its own segment.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "lr_signal",
+    "linear_weight_grad",
+    "conv_weight_grad",
+    "bias_grad",
+    "module_grads",
+    "has_closed_form",
+]
+
+_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+                3: torch.nn.grad.conv3d_weight}
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FORWARDS = tuple(t.forward for t in _CONV_TYPES)
+
+
+def lr_signal(weights: Tensor, score: Tensor, num_rows: int | None = None) -> Tensor:
+    """``g = w · score / N``: ``weights [N]``, ``score [N, *site]`` -> ``[N, *site]`` (fp32+)."""
+    n = score.shape[0] if num_rows is None else num_rows
+    w = weights.reshape(weights.shape[0], *([1] * (score.dim() - 1)))
+    return score * (w.to(score.dtype) / n)
+
+
+def linear_weight_grad(inputs: Tensor, signal: Tensor) -> Tensor:
+    """``∇W = Σ_n g_n x_n^T`` for ``v = x W^T + b``: ``[N, ..., in]``, ``[N, ..., out]`` -> ``[out, in]``."""
+    return signal.reshape(-1, signal.shape[-1]).T @ inputs.reshape(-1, inputs.shape[-1])
+
+
+def bias_grad(signal: Tensor, channel_dim: int) -> Tensor:
+    """``∇b``: the signal summed over every dimension but ``channel_dim``."""
+    dims = [d for d in range(signal.dim()) if d != channel_dim % signal.dim()]
+    return signal.sum(dim=dims)
+
+
+def conv_weight_grad(inputs: Tensor, signal: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
+    """``∇W`` of a ``Conv{1,2,3}d`` module: correlation of its input with the signal maps.
+
+    Handles any stride, dilation, groups, numeric or ``"same"``/``"valid"`` padding and every
+    ``padding_mode`` (the input is padded exactly as the module's forward pads it).
+    """
+    nd = len(conv.kernel_size)
+    padding = conv.padding
+    if conv.padding_mode != "zeros" or isinstance(padding, str):
+        pad = _explicit_padding(conv)
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        inputs = F.pad(inputs, pad, mode=mode)
+        padding = (0,) * nd
+    return _CONV_WEIGHT[nd](inputs, conv.weight.shape, signal, stride=conv.stride,
+                            padding=padding, dilation=conv.dilation, groups=conv.groups)
+
+
+def _explicit_padding(conv: nn.modules.conv._ConvNd) -> list[int]:
+    """Padding of the module as ``F.pad`` wants it (last dimension first, left then right)."""
+    if conv.padding == "valid":
+        return [0, 0] * len(conv.kernel_size)
+    if conv.padding == "same":
+        pad: list[int] = []
+        for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size), strict=True):
+            total = d * (k - 1)
+            pad += [total // 2, total - total // 2]
+        return pad
+    return [p for p in reversed(conv.padding) for _ in range(2)]
+
+
+def has_closed_form(module: nn.Module) -> bool:
+    """True for plain ``nn.Linear`` / ``nn.Conv{1,2,3}d`` (unmodified ``forward``, no
+    parametrizations), whose parameter gradients :func:`module_grads` computes directly."""
+    if nn.utils.parametrize.is_parametrized(module):
+        return False
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
+    if isinstance(module, _CONV_TYPES):
+        return type(module).forward in _CONV_FORWARDS
+    return False
+
+
+def module_grads(module: nn.Module, inputs: Tensor, signal: Tensor) -> dict[str, Tensor]:
+    """Closed-form ``{"weight": ∇W, "bias": ∇b}`` of a Linear/Conv module from its input and
+    the LR signal at its output (only for parameters that require grad), in fp32 or wider."""
+    if inputs.dtype != signal.dtype:
+        dtype = torch.promote_types(inputs.dtype, signal.dtype)
+        inputs, signal = inputs.to(dtype), signal.to(dtype)
+    grads: dict[str, Tensor] = {}
+    is_linear = isinstance(module, nn.Linear)
+    if module.weight.requires_grad:
+        grads["weight"] = (linear_weight_grad(inputs, signal) if is_linear
+                           else conv_weight_grad(inputs, signal, module))
+    if module.bias is not None and module.bias.requires_grad:
+        grads["bias"] = bias_grad(signal, -1 if is_linear else 1)
+    return grads

@@ -1,0 +1,144 @@
+"""Plans: which perturbed passes run, which sites each pass perturbs, and with how many copies.
+
+* :func:`all_sites` — one pass; every site gets noise at once (cheapest; other sites' noise adds
+  variance to each site's estimate).
+* :func:`layerwise` — one pass per site (or group of sites), each with its own copy count
+  (Jiang et al. 2024, §"layer-wise noise injection"). A site's gradient comes only from its own
+  pass and is averaged over that pass's ``K_s · B`` rows, so the normalisation stays right
+  whatever the copy counts.
+
+Sites that a pass does not perturb still cut the autograd graph, so every local
+vector-Jacobian product stays inside its own segment.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Plan", "Pass", "all_sites", "layerwise"]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One perturbed forward pass.
+
+    Attributes:
+        sites: names of the sites this pass perturbs; ``None`` means every site.
+        num_copies: noise copies ``K`` of the batch in this pass.
+        key: a stable name for the pass (used by stateful baselines).
+    """
+
+    sites: frozenset[str] | None
+    num_copies: int
+    key: str
+
+
+class Plan:
+    """Base class. ``needs_site_names`` asks the estimator to discover the sites first."""
+
+    needs_site_names: bool = False
+
+    def passes(self, site_names: Sequence[str], num_copies: int) -> list[Pass]:
+        """The passes to run, given the sites in firing order and the default copy count."""
+        raise NotImplementedError
+
+
+class _AllSites(Plan):
+    def passes(self, site_names, num_copies):
+        return [Pass(None, num_copies, "all")]
+
+    def __repr__(self) -> str:
+        return "all_sites()"
+
+
+class _Layerwise(Plan):
+    needs_site_names = True
+
+    def __init__(self, groups, num_copies) -> None:
+        if groups is not None:
+            groups = [[g] if isinstance(g, str) else list(g) for g in groups]
+            if not groups or not all(groups):
+                raise ValueError("layerwise(groups=...) needs non-empty groups of site names")
+        if isinstance(num_copies, int) and num_copies < 1:
+            raise ValueError(f"num_copies must be >= 1, got {num_copies}")
+        self.groups, self.num_copies = groups, num_copies
+
+    def _resolve_groups(self, site_names: Sequence[str]) -> list[list[str]]:
+        if self.groups is None:
+            return [[s] for s in site_names]
+        resolved, taken = [], {}
+        for i, patterns in enumerate(self.groups):
+            members = []
+            for pattern in patterns:
+                hits = [s for s in site_names if fnmatch.fnmatchcase(s, pattern)]
+                if not hits:
+                    raise ValueError(
+                        f"layerwise group {i} names {pattern!r}, which matches no site; "
+                        f"the sites are {list(site_names)}"
+                    )
+                for s in hits:
+                    if s in taken and taken[s] != i:
+                        raise ValueError(
+                            f"site {s!r} is in layerwise groups {taken[s]} and {i}; "
+                            f"each site may belong to one group only"
+                        )
+                    if s not in members:
+                        taken[s] = i
+                        members.append(s)
+            resolved.append(members)
+        return resolved
+
+    def _copies(self, i: int, group: list[str], default: int) -> int:
+        nc = self.num_copies
+        if nc is None:
+            k = default
+        elif isinstance(nc, int):
+            k = nc
+        elif isinstance(nc, Mapping):
+            counts = {nc[s] for s in group if s in nc}
+            if len(counts) > 1:
+                raise ValueError(f"sites of one layerwise group have different num_copies: {group}")
+            k = counts.pop() if counts else default
+        else:
+            if len(nc) != len(self._groups_cache):
+                raise ValueError(
+                    f"layerwise num_copies has {len(nc)} entries but there are "
+                    f"{len(self._groups_cache)} site groups: {self._groups_cache}"
+                )
+            k = int(nc[i])
+        if k < 1:
+            raise ValueError(f"num_copies must be >= 1, got {k} for group {group}")
+        return k
+
+    def passes(self, site_names, num_copies):
+        groups = self._groups_cache = self._resolve_groups(site_names)
+        return [
+            Pass(frozenset(g), self._copies(i, g, num_copies), "+".join(g))
+            for i, g in enumerate(groups)
+        ]
+
+    def __repr__(self) -> str:
+        return f"layerwise(groups={self.groups!r}, num_copies={self.num_copies!r})"
+
+
+def all_sites() -> Plan:
+    """One perturbed pass with noise at every site (the default)."""
+    return _AllSites()
+
+
+def layerwise(
+    groups: Sequence[str | Sequence[str]] | None = None,
+    num_copies: int | Sequence[int] | Mapping[str, int] | None = None,
+) -> Plan:
+    """One perturbed pass per site group; other sites run noise-free in that pass.
+
+    Args:
+        groups: site-name patterns per pass, e.g. ``[["0", "2"], ["4"]]``; default: one pass
+            per site, in the order the sites fire.
+        num_copies: copies per pass: one int for all, a sequence with one int per group, or a
+            mapping site name -> int (the paper's per-layer counts); default: the estimator's
+            ``num_copies``.
+    """
+    return _Layerwise(groups, num_copies)

@@ -1,0 +1,114 @@
+"""Samplers: how the ``K`` noise copies of one site are drawn jointly.
+
+A sampler draws noise of shape ``[K, B, *site]`` for ``K = num_copies`` copies of a batch of
+``B`` examples. The estimator flattens it copy-major to ``[K·B, *site]``: row ``k·B + b`` is
+copy ``k`` of example ``b`` (the layout of :meth:`LikelihoodRatio.replicate`).
+
+Samplers also say which copies are statistically dependent (:meth:`Sampler.copy_groups`), so
+that baselines built from *other* copies of an example (leave-one-out) stay unbiased.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .noise import Noise
+
+__all__ = ["Sampler", "iid", "antithetic"]
+
+
+class Sampler:
+    """Base class: draws ``[K, B, *site]`` noise for one site."""
+
+    def sample(
+        self,
+        noise: Noise,
+        num_copies: int,
+        shape: torch.Size,
+        *,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> Tensor:
+        """Return noise of shape ``[num_copies, *shape]`` (``shape = [B, *site]``), float32."""
+        raise NotImplementedError
+
+    def check_num_copies(self, num_copies: int) -> None:
+        """Raise ``ValueError`` if this sampler cannot draw ``num_copies`` copies."""
+        if num_copies < 1:
+            raise ValueError(f"num_copies must be >= 1, got {num_copies}")
+
+    def copy_groups(self, num_copies: int) -> Tensor:
+        """Group id of each copy ``[K]``: copies in different groups are independent."""
+        return torch.arange(num_copies)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class _IID(Sampler):
+    def sample(self, noise, num_copies, shape, *, generator, device):
+        return noise.sample((num_copies, *shape), generator=generator, device=device)
+
+    def __repr__(self) -> str:
+        return "iid()"
+
+
+class _Antithetic(Sampler):
+    def __init__(self, inner: Sampler) -> None:
+        if not isinstance(inner, Sampler):
+            raise TypeError(f"antithetic() wraps a Sampler, got {type(inner).__name__}")
+        if isinstance(inner, _Antithetic):
+            raise ValueError("antithetic(antithetic(...)) is not meaningful; use antithetic()")
+        self.inner = inner
+
+    def check_num_copies(self, num_copies: int) -> None:
+        if num_copies < 2 or num_copies % 2:
+            raise ValueError(
+                f"antithetic sampling needs an even num_copies >= 2 (pairs (z, -z) are the two "
+                f"halves of the copy dimension), got {num_copies}; use num_copies="
+                f"{max(2, num_copies + num_copies % 2)}"
+            )
+
+    def sample(self, noise, num_copies, shape, *, generator, device):
+        half = self.inner.sample(noise, num_copies // 2, shape, generator=generator, device=device)
+        return torch.cat([half, -half], dim=0)
+
+    def copy_groups(self, num_copies: int) -> Tensor:
+        inner = self.inner.copy_groups(num_copies // 2)
+        return torch.cat([inner, inner])
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state.get("inner", {}))
+
+    def __repr__(self) -> str:
+        return f"antithetic({self.inner!r})"
+
+
+def iid() -> Sampler:
+    """Independent noise for every copy and every example (the plain Monte Carlo estimator)."""
+    return _IID()
+
+
+def antithetic(inner: Sampler | None = None) -> Sampler:
+    """Antithetic pairs: copy ``k + K/2`` carries the negated noise of copy ``k``.
+
+    Layout along the copy dimension (``K = 6``)::
+
+        copy:   0    1    2  |  3    4    5
+        noise:  z0   z1   z2 | -z0  -z1  -z2
+
+    Each pair gives ``½[L(v+z) − L(v−z)]·score(z)``, which cancels the zeroth-order term
+    ``L(v)·score(z)`` of the estimate. Needs a symmetric density (all of ``ulr``'s are) and an
+    even ``num_copies``.
+
+    Args:
+        inner: sampler of the first half (default :func:`iid`).
+    """
+    return _Antithetic(inner if inner is not None else iid())
