@@ -1,0 +1,67 @@
+"""Shared pieces of the reference models: activations, sizes, the ULR configuration type."""
+
+from __future__ import annotations
+
+from typing import Literal, TypedDict
+
+import torch
+from torch import nn
+
+Activation = Literal["relu", "tanh", "sigmoid", "sign"]
+ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "sigmoid", "sign")
+
+
+class ULRConfig(TypedDict):
+    """A recommended ULR configuration, keyed by qualified module name.
+
+    Attributes:
+        sigma: output-noise standard deviation per parametrised layer.
+        num_copies: noise copies per layer for a layer-wise plan (one perturbed pass per layer).
+    """
+
+    sigma: dict[str, float]
+    num_copies: dict[str, int]
+
+
+class Sign(nn.Module):
+    """Hard threshold ``x -> +1 if x >= 0 else -1``, elementwise; shape ``(*) -> (*)``.
+
+    Meant for likelihood-ratio training, which never differentiates an activation. Under plain
+    backprop its gradient is zero everywhere (it stays in the graph, so ``backward`` works but
+    layers below it learn nothing). ``x = 0`` maps to ``+1`` so the output is always binary.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.sign(x)
+        return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def make_activation(name: str) -> nn.Module:
+    """Return a fresh activation module for ``name`` (one of :data:`ACTIVATIONS`).
+
+    Every call returns a new instance so that each layer owns its activation module (a hook on one
+    of them then fires once per forward pass).
+    """
+    if name == "relu":
+        return nn.ReLU()
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    if name == "sign":
+        return Sign()
+    raise ValueError(f"unknown activation {name!r}; choose one of {list(ACTIVATIONS)}")
+
+
+def check_positive(**values: int) -> None:
+    """Raise ``ValueError`` naming the first argument that is not a positive ``int``."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive int, got {value!r}")
+
+
+def check_input_size(model: str, input_size: int, minimum: int) -> None:
+    """Raise ``ValueError`` if a square input of side ``input_size`` is too small for ``model``."""
+    check_positive(input_size=input_size)
+    if input_size < minimum:
+        raise ValueError(f"{model} needs input_size >= {minimum} (square inputs), got {input_size}")
