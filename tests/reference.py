@@ -40,7 +40,10 @@ def reference_grads(
     baseline: str = "none",
     layerwise: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Return {param name: gradient estimate}. ``baseline`` in {"none", "leave_one_out", "clean"}."""
+    """Return {param name: gradient estimate}.
+
+    ``baseline`` is one of "none", "leave_one_out", "clean".
+    """
     batch = x.shape[0]
     sites = _site_layers(model)
     ins = _clean_inputs(model, x)

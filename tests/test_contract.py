@@ -204,7 +204,8 @@ class Cell(nn.Module):
 
     def __init__(self, n_in=3, n_h=8, n_out=2):
         super().__init__()
-        self.wx, self.wh, self.out = nn.Linear(n_in, n_h), nn.Linear(n_h, n_h), nn.Linear(n_h, n_out)
+        self.wx, self.wh = nn.Linear(n_in, n_h), nn.Linear(n_h, n_h)
+        self.out = nn.Linear(n_h, n_out)
 
     def forward(self, x):
         h = x.new_zeros(x.shape[0], self.wh.in_features)

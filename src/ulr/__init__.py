@@ -13,6 +13,17 @@ from .sites import perturb
 
 __version__ = "0.1.0"
 
+_LAZY = ("data", "models", "train")
+
+
+def __getattr__(name: str):
+    # Subpackages with optional dependencies load on first use: `import ulr` stays light.
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'ulr' has no attribute {name!r}")
+
 __all__ = [
     "LikelihoodRatio",
     "Gaussian",

@@ -48,7 +48,7 @@ class _VJPRecord:
     noise: Tensor
 
 
-class _NeedGrad(Exception):
+class _NeedGradError(Exception):
     """A pass run without autograd met a site that needs a local VJP: rerun it with grad."""
 
 
@@ -77,7 +77,10 @@ def replicate(tree: Any, num_copies: int) -> Any:
 def _first_tensor(tree: Any) -> Tensor | None:
     if isinstance(tree, Tensor):
         return tree if tree.dim() > 0 else None
-    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (tuple, list)) else ()
+    if isinstance(tree, dict):
+        items = tree.values()
+    else:
+        items = tree if isinstance(tree, (tuple, list)) else ()
     for item in items:
         found = _first_tensor(item)
         if found is not None:
@@ -124,7 +127,7 @@ class _PassRun:
         if self.spec is None:  # discovery / clean pass: no noise, nothing recorded
             return value
         if site.module is None and not self.grad_enabled:
-            raise _NeedGrad
+            raise _NeedGradError
         perturbed = self.spec.sites is None or site.name in self.spec.sites
         if isinstance(value, Tensor):
             return self._perturb(site, value, args, perturbed)
@@ -157,7 +160,7 @@ class _PassRun:
         elif value.requires_grad:
             self.vjp.append(_VJPRecord(site, value, z))
         elif site.closed_form and self.grad_enabled is False and x is not None:
-            raise _NeedGrad
+            raise _NeedGradError
         return value.detach() + z.to(value.dtype)
 
 
@@ -377,7 +380,7 @@ class LikelihoodRatio:
                     run.grad_enabled = grad
                     out = self.model(**rep) if isinstance(rep, dict) else self.model(*rep)
                 return out, run
-            except _NeedGrad:
+            except _NeedGradError:
                 self._needs_grad = grad = True
                 self.generator.set_state(state)
             finally:

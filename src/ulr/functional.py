@@ -40,7 +40,10 @@ def lr_signal(weights: Tensor, score: Tensor, num_rows: int | None = None) -> Te
 
 
 def linear_weight_grad(inputs: Tensor, signal: Tensor) -> Tensor:
-    """``∇W = Σ_n g_n x_n^T`` for ``v = x W^T + b``: ``[N, ..., in]``, ``[N, ..., out]`` -> ``[out, in]``."""
+    """``∇W = Σ_n g_n x_n^T`` for ``v = x W^T + b``.
+
+    Shapes: ``inputs [N, ..., in]``, ``signal [N, ..., out]`` -> ``[out, in]``.
+    """
     return signal.reshape(-1, signal.shape[-1]).T @ inputs.reshape(-1, inputs.shape[-1])
 
 

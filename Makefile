@@ -1,0 +1,36 @@
+# Two entry points: `make demo` (set up + run the main job) and `make test` (set up + run tests).
+# Each creates .venv on first use with torch pinned by constraints/cpu.txt (the CPU wheel).
+# A GPU user installs their CUDA torch into the venv first; the pinned install then keeps it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ulr-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml constraints/cpu.txt | $(BIN)/python
+	$(BIN)/pip install -q -c constraints/cpu.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ulr train
+
+# pytest exits 5 when a selection collects no test: reported, not treated as a failure.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" --doctest-modules src/ulr tests $(PYTEST_ARGS); \
+	rc=$$?; [ $$rc -eq 5 ] && echo "pytest: no tests collected" && rc=0; exit $$rc
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests $(PYTEST_ARGS); \
+	rc=$$?; [ $$rc -eq 5 ] && echo "pytest: no slow tests collected" && rc=0; exit $$rc
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info
