@@ -343,3 +343,33 @@ def test_generic_suite(mlp, noise, sampler, baseline, plan):
     mlp.zero_grad(set_to_none=True)
     other.loss_and_grads(ce, x, y)
     assert all(torch.equal(a, b) for a, b in zip(want, _grads(mlp)))
+
+
+def test_inputs_modified_in_place_are_not_treated_as_copies():
+    """The first layer's weight gradient uses Σ_k g_kb when its input is the tiled batch; an
+    in-place change that makes the copies differ must fall back to the per-row product."""
+
+    class NoisyInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            x.add_(torch.arange(x.shape[0], dtype=x.dtype).unsqueeze(1))  # row-dependent
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = NoisyInput()
+    x = torch.randn(4, 3)
+    gen_state = torch.Generator().manual_seed(0).get_state()
+    est = ulr.LikelihoodRatio(model, num_copies=3, generator=torch.Generator())
+    est.generator.set_state(gen_state)
+    est.loss_and_grads(lambda o: o.pow(2).sum(1), x.clone())
+    got = model.lin.weight.grad.clone()
+    # the same estimate by hand: rows k*B+b carry input x_b + (k*B+b)
+    z = ulr.Gaussian(0.1).sample((3, 4, 2), generator=torch.Generator().manual_seed(0))
+    rows = x.repeat(3, 1) + torch.arange(12.0).unsqueeze(1)
+    with torch.no_grad():
+        v = model.lin(rows) + z.view(12, 2)
+    signal = v.pow(2).sum(1, keepdim=True) * z.view(12, 2) / 0.1**2 / 12
+    torch.testing.assert_close(got, signal.T @ rows)

@@ -39,6 +39,7 @@ class _ClosedRecord:
     site: _Site
     inputs: Tensor
     noise: Tensor
+    tiled: bool = False  # inputs holds the B rows that all K copies share
 
 
 @dataclass
@@ -88,6 +89,16 @@ def _first_tensor(tree: Any) -> Tensor | None:
     return None
 
 
+def _tensors(tree: Any) -> list[Tensor]:
+    if isinstance(tree, Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, (tuple, list)):
+        return [t for item in tree for t in _tensors(item)]
+    return []
+
+
 def _check_batch(tree: Any, batch: int, what: str) -> None:
     if isinstance(tree, Tensor):
         if tree.dim() > 0 and tree.shape[0] != batch:
@@ -106,8 +117,12 @@ def _check_batch(tree: Any, batch: int, what: str) -> None:
 class _PassRun:
     """State of one forward pass: hooks call :meth:`on_site`; records wait for the losses."""
 
-    def __init__(self, est: LikelihoodRatio, spec: Pass | None, batch: int) -> None:
+    def __init__(self, est: LikelihoodRatio, spec: Pass | None, batch: int,
+                 tiled: dict[int, int] | None = None) -> None:
         self.est, self.spec, self.batch = est, spec, batch
+        # data_ptr -> numel of the replicated inputs: a site whose input is one of them (or a
+        # contiguous view of one) sees K identical copies of B rows.
+        self.tiled = tiled or {}
         self.num_copies = spec.num_copies if spec is not None else 1
         self.rows = self.num_copies * batch
         self.closed: list[_ClosedRecord] = []
@@ -143,6 +158,14 @@ class _PassRun:
             f"mark the value inside forward with ulr.perturb(name, x)"
         )
 
+    def _is_tiled(self, x: Tensor) -> bool:
+        if self.tiled.get(x.data_ptr()) != x.numel() or not x.is_contiguous():
+            return False
+        # The storage test is a cheap filter; the equality check guards against in-place
+        # changes (e.g. in-place dropout on the input) that made the copies differ.
+        copies = x.view(self.num_copies, self.batch, -1)
+        return bool((copies[1:] == copies[:1]).all())
+
     def _perturb(self, site: _Site, value: Tensor, args: tuple | None, perturbed: bool) -> Tensor:
         if not perturbed:
             return value.detach()
@@ -156,7 +179,11 @@ class _PassRun:
         z = self.est._sample(site, value, self.num_copies, self.batch)
         x = args[0] if args is not None and len(args) == 1 else None
         if site.closed_form and isinstance(x, Tensor) and not x.requires_grad:
-            self.closed.append(_ClosedRecord(site, x.detach(), z))
+            if self._is_tiled(x):
+                # Σ_rows g_r x_r^T = Σ_b (Σ_k g_kb) x_b^T: the weight gradient costs B rows.
+                self.closed.append(_ClosedRecord(site, x.detach()[: self.batch], z, tiled=True))
+            else:
+                self.closed.append(_ClosedRecord(site, x.detach(), z))
         elif value.requires_grad:
             self.vjp.append(_VJPRecord(site, value, z))
         elif site.closed_form and self.grad_enabled is False and x is not None:
@@ -368,10 +395,11 @@ class LikelihoodRatio:
     def _forward(self, spec: Pass | None, inputs: Any, batch: int) -> tuple[Any, _PassRun]:
         k = spec.num_copies if spec is not None else 1
         rep = replicate(inputs, k) if k > 1 else inputs
+        tiled = {t.data_ptr(): t.numel() for t in _tensors(rep) if t.dim() > 0} if k > 1 else {}
         state = self.generator.get_state()
         grad = self._needs_grad and spec is not None
         while True:
-            run = _PassRun(self, spec, batch)
+            run = _PassRun(self, spec, batch, tiled)
             handles = [m.register_forward_hook(run.hook) for m in self._module_sites]
             stack = _stack()
             stack.append(run)
@@ -419,6 +447,8 @@ class LikelihoodRatio:
         wanted = {id(p) for _, p in params}
         for rec in run.closed:
             signal = lr_signal(weights, rec.site.noise.score(rec.noise), rows)
+            if rec.tiled:
+                signal = signal.view(run.num_copies, run.batch, *signal.shape[1:]).sum(0)
             for pname, g in module_grads(rec.site.module, rec.inputs, signal).items():
                 p = getattr(rec.site.module, pname)
                 if id(p) in wanted:
