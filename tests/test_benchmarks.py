@@ -1,0 +1,23 @@
+"""Every benchmark script runs in its --smoke form, and every script is listed here."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ["speed.py"]
+
+
+def test_coverage():
+    present = {p.name for p in (ROOT / "benchmarks").glob("*.py")}
+    assert present == set(BENCHMARKS), f"list these in tests/test_benchmarks.py: {present}"
+
+
+@pytest.mark.parametrize("script", BENCHMARKS)
+def test_benchmark_smoke(script, tmp_path):
+    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--smoke", "--out", str(tmp_path)])
+    assert rows
