@@ -11,7 +11,8 @@ NOISES = {
     "laplace": lambda: ulr.Laplace(0.1),
     "logistic": lambda: ulr.Logistic(0.1),
 }
-SAMPLERS = {"iid": ulr.iid, "antithetic": ulr.antithetic}
+SAMPLERS = {"iid": ulr.iid, "antithetic": ulr.antithetic, "sobol": ulr.sobol,
+            "antithetic_sobol": lambda: ulr.antithetic(ulr.sobol())}
 BASELINES = {
     "none": ulr.baselines.none,
     "leave_one_out": ulr.baselines.leave_one_out,

@@ -75,3 +75,70 @@ def test_variance_reduction_at_equal_forward_rows(mlp):
     assert with_loo < plain / 2
     assert anti < plain / 2
     assert best < plain / 4, (plain, with_loo, anti, best)
+
+
+def test_sobol_rows_are_distributed_as_the_noise():
+    """KS distance of each of 3 coordinates over 64 copies x 512 examples below 0.02."""
+    z = ulr.sobol().sample(ulr.Laplace(0.5), 64, torch.Size([512, 3]),
+                           generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    u = torch.distributions.Laplace(0.0, 0.5).cdf(z.double().reshape(-1, 3)).sort(0).values
+    ecdf = torch.arange(1, u.shape[0] + 1, dtype=torch.float64).unsqueeze(1) / u.shape[0]
+    assert (u - ecdf).abs().max() < 0.02
+
+
+def _one_per_shifted_stratum(u, k):
+    """Whether some grid {a + j/k} (mod 1) has exactly one of the k points in each cell; the
+    valid offsets a form an interval whose upper end is one of the points' offsets."""
+    for a in (u % (1 / k)).tolist():
+        cells = torch.floor(((u - a + 1e-9) % 1.0) * k).long()
+        if sorted(cells.tolist()) == list(range(k)):
+            return True
+    return False
+
+
+def test_sobol_copies_are_evenly_spread():
+    """The K = 16 copies of an example put one point in each of 16 equal cells of every
+    coordinate (cells shifted by the example's random shift), unlike iid draws."""
+    def spread(sampler):
+        z = sampler.sample(ulr.Gaussian(1.0), 16, torch.Size([4, 5]),
+                           generator=torch.Generator().manual_seed(1), device=torch.device("cpu"))
+        u = torch.distributions.Normal(0.0, 1.0).cdf(z.double())
+        return [_one_per_shifted_stratum(u[:, b, d], 16) for b in range(4) for d in range(5)]
+
+    assert all(spread(ulr.sobol()))
+    assert not any(spread(ulr.iid()))
+
+
+def test_antithetic_sobol_layout_and_wide_sites():
+    sampler = ulr.antithetic(ulr.sobol())
+    z = sampler.sample(ulr.Gaussian(1.0), 8, torch.Size([2, 21201 + 5]),
+                       generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    assert z.shape == (8, 2, 21206)
+    torch.testing.assert_close(z[4:], -z[:4])
+    assert sampler.copy_groups(8).tolist() == [0] * 8
+    with pytest.raises(ValueError, match="leave_one_out"):
+        ulr.baselines.leave_one_out().check(8, sampler.copy_groups(8))
+
+
+def test_sobol_is_unbiased_and_reduces_variance_on_the_linear_oracle():
+    """Loss linear in a Gaussian site: the estimate's mean equals the exact gradient (within 5
+    standard errors over 300 seeded estimates) and its variance is far below iid noise."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 3)
+    x = torch.randn(8, 5)
+    c = torch.tensor([0.5, -1.0, 2.0])
+    truth = c[:, None] * x.mean(0)[None, :]
+    spreads = {}
+    for name, sampler in (("iid", ulr.iid()), ("sobol", ulr.sobol())):
+        est = ulr.LikelihoodRatio(layer, noise=ulr.Gaussian(0.3), num_copies=16, sampler=sampler,
+                                  generator=torch.Generator().manual_seed(3))
+        samples = []
+        for _ in range(300):
+            layer.zero_grad(set_to_none=True)
+            est.loss_and_grads(lambda out: out @ c, x)
+            samples.append(layer.weight.grad.clone())
+        s = torch.stack(samples)
+        se = s.std(0) / len(s) ** 0.5
+        assert ((s.mean(0) - truth).abs() / se).max() < 5, name
+        spreads[name] = s.var(0).sum().item()
+    assert spreads["sobol"] < spreads["iid"] / 2, spreads

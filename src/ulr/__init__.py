@@ -8,7 +8,7 @@ Noise is injected at chosen sites of any PyTorch model; from noisy forward passe
 from . import baselines, functional, plans, samplers, sites
 from .estimator import LikelihoodRatio, replicate
 from .noise import Gaussian, Laplace, Logistic, Noise
-from .samplers import antithetic, iid
+from .samplers import antithetic, iid, sobol
 from .sites import perturb
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "Noise",
     "antithetic",
     "iid",
+    "sobol",
     "perturb",
     "replicate",
     "baselines",
