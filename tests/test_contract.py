@@ -378,3 +378,61 @@ def test_inputs_modified_in_place_are_not_treated_as_copies():
         v = model.lin(rows) + z.view(12, 2)
     signal = v.pow(2).sum(1, keepdim=True) * z.view(12, 2) / 0.1**2 / 12
     torch.testing.assert_close(got, signal.T @ rows)
+
+
+class TinyGCN(nn.Module):
+    """Full-graph node classification: inputs (features [N, F], dense adjacency [N, N])."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, feats, adj):
+        return adj @ self.lin2(torch.relu(adj @ self.lin1(feats)))
+
+
+def _block_diagonal(inputs, k):
+    feats, adj = inputs
+    return feats.repeat(k, 1), torch.block_diag(*[adj] * k)
+
+
+def test_custom_replicate_for_a_whole_graph():
+    """K copies of one graph as a block-diagonal adjacency: the estimate equals the one from
+    running K separate graphs by hand (identical noise), and the layout is visible to layers."""
+    torch.manual_seed(0)
+    model = TinyGCN()
+    n = 5
+    adj = torch.rand(n, n)
+    adj = (adj + adj.T) / n
+    feats, y = torch.randn(n, 3), torch.randint(0, 2, (n,))
+    layouts = []
+
+    class Spy(nn.Module):
+        def forward(self, x):
+            layouts.append(ulr.copy_layout())
+            return x
+
+    model.spy = Spy()
+    model.lin1.register_forward_pre_hook(lambda m, a: model.spy(a[0]))
+    est = ulr.LikelihoodRatio(model, sites=["lin1", "lin2"], num_copies=3,
+                              replicate=_block_diagonal, generator=torch.Generator().manual_seed(0))
+    est.loss_and_grads(ce, (feats, adj), y)
+    assert layouts == [(3, n)]
+    # by hand, one graph copy at a time, with the same draws (site lin1, then lin2)
+    gen = torch.Generator().manual_seed(0)
+    z1 = ulr.Gaussian(0.1).sample((3, n, 8), generator=gen)
+    z2 = ulr.Gaussian(0.1).sample((3, n, 2), generator=gen)
+    grad_w1 = torch.zeros_like(model.lin1.weight)
+    grad_w2 = torch.zeros_like(model.lin2.weight)
+    with torch.no_grad():
+        for k in range(3):
+            h = torch.relu(adj @ (model.lin1(feats) + z1[k]))
+            loss = ce(adj @ (model.lin2(h) + z2[k]), y)
+            grad_w1 += (loss[:, None] * z1[k] / 0.01 / (3 * n)).T @ feats
+            grad_w2 += (loss[:, None] * z2[k] / 0.01 / (3 * n)).T @ h
+    torch.testing.assert_close(model.lin1.weight.grad, grad_w1)
+    torch.testing.assert_close(model.lin2.weight.grad, grad_w2)
+    with pytest.raises(ValueError, match="first dimension must be the batch"):
+        ulr.LikelihoodRatio(model, sites=["lin1", "lin2"], num_copies=3,
+                            replicate=lambda inputs, k: inputs).loss_and_grads(ce, (feats, adj), y)
+    assert ulr.copy_layout() is None

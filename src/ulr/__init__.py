@@ -9,7 +9,7 @@ from . import baselines, functional, plans, samplers, sites
 from .estimator import LikelihoodRatio, replicate
 from .noise import Gaussian, Laplace, Logistic, Noise
 from .samplers import antithetic, iid, sobol
-from .sites import perturb
+from .sites import copy_layout, perturb
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "iid",
     "sobol",
     "perturb",
+    "copy_layout",
     "replicate",
     "baselines",
     "functional",

@@ -230,6 +230,13 @@ class LikelihoodRatio:
             global RNG at construction (so ``torch.manual_seed`` makes runs reproducible).
         exclude: parameter names (wildcards allowed) deliberately left without a gradient.
             Other trainable parameters that no site covers raise a ``ValueError``.
+        replicate: ``replicate(inputs, K) -> inputs`` for inputs that are not a plain batch
+            (default :func:`replicate`: tile every tensor along dim 0). Example: a whole graph
+            whose ``B`` nodes are the rows — tile the node features and build a
+            block-diagonal adjacency of ``K`` copies. With a custom function, ``B`` is the
+            leading dimension of ``targets`` (of the first input tensor if there are none) and
+            only the targets must be batch-first. The result must give every site ``K·B`` rows,
+            copy-major.
 
     Example:
         >>> import torch, ulr
@@ -266,6 +273,7 @@ class LikelihoodRatio:
         plan: Plan | None = None,
         generator: torch.Generator | None = None,
         exclude: Iterable[str] = (),
+        replicate: Callable[[Any, int], Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -289,6 +297,9 @@ class LikelihoodRatio:
         self.baseline = baseline if baseline is not None else none()
         self.plan = plan if plan is not None else all_sites()
         self.exclude = tuple(exclude)
+        if replicate is not None and not callable(replicate):
+            raise TypeError(f"replicate must be a callable (inputs, num_copies), got {replicate!r}")
+        self._replicate_inputs = replicate
         self.sampler.check_num_copies(num_copies)
         self.baseline.check(num_copies, self.sampler.copy_groups(num_copies))
 
@@ -394,7 +405,8 @@ class LikelihoodRatio:
     # -- running passes -----------------------------------------------------------------------
     def _forward(self, spec: Pass | None, inputs: Any, batch: int) -> tuple[Any, _PassRun]:
         k = spec.num_copies if spec is not None else 1
-        rep = replicate(inputs, k) if k > 1 else inputs
+        rep = (inputs if k == 1 else replicate(inputs, k) if self._replicate_inputs is None
+               else self._replicate_inputs(inputs, k))
         tiled = {t.data_ptr(): t.numel() for t in _tensors(rep) if t.dim() > 0} if k > 1 else {}
         state = self.generator.get_state()
         grad = self._needs_grad and spec is not None
@@ -490,11 +502,15 @@ class LikelihoodRatio:
             inputs = tuple(inputs)
         elif not isinstance(inputs, (tuple, dict)):
             inputs = (inputs,)
-        first = _first_tensor(inputs)
+        custom = self._replicate_inputs is not None
+        first = _first_tensor(targets) if custom else None
+        if first is None:
+            first = _first_tensor(inputs)
         if first is None:
             raise ValueError("inputs must contain at least one batch-first tensor")
         batch = first.shape[0]
-        _check_batch(inputs, batch, "inputs")
+        if not custom:
+            _check_batch(inputs, batch, "inputs")
         _check_batch(targets, batch, "targets")
         self._warn_batchnorm()
 

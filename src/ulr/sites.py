@@ -36,6 +36,7 @@ __all__ = [
     "param_owners",
     "marked",
     "perturb",
+    "copy_layout",
     "as_spec",
 ]
 
@@ -252,3 +253,16 @@ def perturb(name: str, x: Tensor) -> Tensor:
     if not isinstance(name, str):
         raise TypeError(f"perturb() needs a str name, got {name!r}")
     return stack[-1].mark(name, x)
+
+
+def copy_layout() -> tuple[int, int] | None:
+    """``(num_copies, batch)`` of the perturbed pass running on this thread, else ``None``.
+
+    For layers that must treat copies specially, e.g. a BatchNorm that normalises each copy
+    group separately: rows ``k·B : (k+1)·B`` are copy ``k`` of the batch.
+    """
+    stack = getattr(_active, "stack", None)
+    if not stack:
+        return None
+    run = stack[-1]
+    return run.num_copies, run.batch
