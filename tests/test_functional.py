@@ -1,5 +1,7 @@
 """Closed-form weight gradients against autograd's vector-Jacobian product of the module."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -80,3 +82,30 @@ def test_lr_signal_normalises_by_rows():
     score = torch.ones(2, 3)
     torch.testing.assert_close(lr_signal(w, score), torch.tensor([[0.5] * 3, [1.0] * 3]))
     torch.testing.assert_close(lr_signal(w, score, 4), torch.tensor([[0.25] * 3, [0.5] * 3]))
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(5, 3), CONVS[1], CONVS[3], CONVS[5], CONVS[8],
+                                   CONVS[10]], ids=repr)
+def test_per_example_weight_output_matches_a_loop(layer):
+    from ulr.functional import per_example_weight_output
+
+    torch.manual_seed(0)
+    layer = layer.double()
+    rows = 4
+    if isinstance(layer, nn.Linear):
+        x = torch.randn(rows, 2, 5, dtype=torch.float64)
+    else:
+        x = torch.randn(rows, layer.in_channels, *([9] * len(layer.kernel_size)),
+                        dtype=torch.float64)
+    e = torch.randn(rows, *layer.weight.shape, dtype=torch.float64)
+    has_bias = layer.bias is not None
+    eb = torch.randn(rows, layer.weight.shape[0], dtype=torch.float64) if has_bias else None
+    got = per_example_weight_output(layer, x, e, eb)
+    for r in range(rows):
+        perturbed = copy.deepcopy(layer)
+        with torch.no_grad():
+            perturbed.weight += e[r]
+            if has_bias:
+                perturbed.bias += eb[r]
+            want = perturbed(x[r : r + 1]) - layer(x[r : r + 1])
+        torch.testing.assert_close(got[r : r + 1], want)

@@ -7,7 +7,8 @@ Noise is injected at chosen sites of any PyTorch model; from noisy forward passe
 
 from . import baselines, functional, plans, samplers, sites
 from .estimator import LikelihoodRatio, replicate
-from .noise import Gaussian, Laplace, Logistic, Noise
+from .noise import Gaussian, Laplace, Logistic, Noise, WeightNoise, weight_noise
+from .schedules import NoiseSchedule
 from .samplers import antithetic, iid, sobol
 from .sites import copy_layout, perturb
 
@@ -30,6 +31,9 @@ __all__ = [
     "Laplace",
     "Logistic",
     "Noise",
+    "NoiseSchedule",
+    "WeightNoise",
+    "weight_noise",
     "antithetic",
     "iid",
     "sobol",

@@ -40,6 +40,9 @@ class Baseline:
     """Base class. ``needs_clean = True`` makes the estimator compute the clean losses."""
 
     needs_clean: bool = False
+    #: True when a row's weight depends only on that row's loss and the context, not on the
+    #: other copies: then chunked estimation needs a single sweep over the copies.
+    row_local: bool = False
 
     def __call__(self, losses: Tensor, context: Context) -> Tensor:
         raise NotImplementedError
@@ -55,6 +58,8 @@ class Baseline:
 
 
 class _None(Baseline):
+    row_local = True
+
     def __call__(self, losses, context):
         return losses
 
@@ -87,6 +92,7 @@ class _LeaveOneOut(Baseline):
 
 class _Clean(Baseline):
     needs_clean = True
+    row_local = True
 
     def __call__(self, losses, context):
         if context.clean_losses is None:
@@ -129,6 +135,7 @@ class _Chain(Baseline):
                 raise TypeError(f"chain() takes baselines, got {p!r}")
         self.parts = parts
         self.needs_clean = any(p.needs_clean for p in parts)
+        self.row_local = all(p.row_local for p in parts)
 
     def check(self, num_copies, copy_groups):
         for p in self.parts:

@@ -7,14 +7,14 @@ import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .baselines import Baseline, Context, none
-from .functional import has_closed_form, lr_signal, module_grads
-from .noise import Gaussian, Noise
+from .functional import has_closed_form, lr_signal, module_grads, per_example_weight_output
+from .noise import Gaussian, Noise, WeightNoise
 from .plans import Pass, Plan, all_sites
 from .samplers import Sampler, iid
 from .sites import SiteSpec, _stack, as_spec
@@ -23,7 +23,8 @@ __all__ = ["LikelihoodRatio", "replicate"]
 
 DEFAULT_SIGMA = 0.1
 
-NoiseArg = Noise | Mapping[str, Noise] | Callable[[str], Noise] | None
+NoiseArg = Noise | Mapping[str, Noise | WeightNoise] | Callable[[str], Noise] | None
+Memory = Literal["store", "chunked", "replay"]
 
 
 @dataclass(frozen=True)
@@ -32,21 +33,25 @@ class _Site:
     noise: Noise
     module: nn.Module | None  # None for marks
     closed_form: bool
+    weight_noise: bool = False
 
 
 @dataclass
-class _ClosedRecord:
-    site: _Site
-    inputs: Tensor
-    noise: Tensor
-    tiled: bool = False  # inputs holds the B rows that all K copies share
+class _Record:
+    """What one site call leaves for the gradient once the losses are known.
 
+    ``kind``: "closed" (Linear/Conv input kept), "vjp" (value kept with its local graph) or
+    "weight" (per-example weight noise: only the noise is needed). ``tiled``: the input/value
+    holds the ``B`` rows shared by all copies, so the signal is summed over copies first.
+    """
 
-@dataclass
-class _VJPRecord:
     site: _Site
-    value: Tensor  # still attached to its local graph
+    kind: str
     noise: Tensor
+    inputs: Tensor | None = None
+    value: Tensor | None = None
+    bias_noise: Tensor | None = None
+    tiled: bool = False
 
 
 class _NeedGradError(Exception):
@@ -75,23 +80,9 @@ def replicate(tree: Any, num_copies: int) -> Any:
     return tree
 
 
-def _first_tensor(tree: Any) -> Tensor | None:
-    if isinstance(tree, Tensor):
-        return tree if tree.dim() > 0 else None
-    if isinstance(tree, dict):
-        items = tree.values()
-    else:
-        items = tree if isinstance(tree, (tuple, list)) else ()
-    for item in items:
-        found = _first_tensor(item)
-        if found is not None:
-            return found
-    return None
-
-
 def _tensors(tree: Any) -> list[Tensor]:
     if isinstance(tree, Tensor):
-        return [tree]
+        return [tree] if tree.dim() > 0 else []
     if isinstance(tree, dict):
         tree = list(tree.values())
     if isinstance(tree, (tuple, list)):
@@ -100,33 +91,43 @@ def _tensors(tree: Any) -> list[Tensor]:
 
 
 def _check_batch(tree: Any, batch: int, what: str) -> None:
-    if isinstance(tree, Tensor):
-        if tree.dim() > 0 and tree.shape[0] != batch:
+    for t in _tensors(tree):
+        if t.shape[0] != batch:
             raise ValueError(
-                f"{what} has a tensor of shape {tuple(tree.shape)} whose first dimension is not "
+                f"{what} has a tensor of shape {tuple(t.shape)} whose first dimension is not "
                 f"the batch size {batch}; every tensor in inputs and targets must be batch-first"
             )
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            _check_batch(v, batch, what)
-    elif isinstance(tree, (tuple, list)):
-        for v in tree:
-            _check_batch(v, batch, what)
+
+
+def _add(grads: dict[Tensor, Tensor], p: Tensor, g: Tensor) -> None:
+    grads[p] = grads[p] + g if p in grads else g
 
 
 class _PassRun:
-    """State of one forward pass: hooks call :meth:`on_site`; records wait for the losses."""
+    """One forward pass over copies ``[k0, k1)`` of the ``K`` of a :class:`Pass`.
 
-    def __init__(self, est: LikelihoodRatio, spec: Pass | None, batch: int,
-                 tiled: dict[int, int] | None = None) -> None:
+    Hooks call :meth:`on_site`. Each perturbed site draws the noise of all ``K`` copies (so a
+    chunk sees exactly the noise the whole pass would) and keeps the rows of its copies. With
+    ``record`` the site leaves a :class:`_Record`; with ``weights`` (replay) it turns into
+    gradients at once, inside the hook, and nothing is kept.
+    """
+
+    def __init__(self, est: LikelihoodRatio, spec: Pass | None, batch: int, *,
+                 copies: tuple[int, int] = (0, 1), expand: bool = False,
+                 tiled: dict[int, int] | None = None, record: bool = True,
+                 weights: Tensor | None = None, sink: tuple | None = None) -> None:
         self.est, self.spec, self.batch = est, spec, batch
-        # data_ptr -> numel of the replicated inputs: a site whose input is one of them (or a
-        # contiguous view of one) sees K identical copies of B rows.
-        self.tiled = tiled or {}
-        self.num_copies = spec.num_copies if spec is not None else 1
+        self.total_copies = spec.num_copies if spec is not None else 1
+        self.k0, self.k1 = copies
+        self.num_copies = self.k1 - self.k0
         self.rows = self.num_copies * batch
-        self.closed: list[_ClosedRecord] = []
-        self.vjp: list[_VJPRecord] = []
+        self.rows_total = self.total_copies * batch
+        self.expand = expand  # inputs hold B rows; tile at the first perturbed site
+        # data_ptr -> numel of the replicated inputs: a site whose input is one of them (or a
+        # contiguous view of one) sees identical copies of B rows.
+        self.tiled = tiled or {}
+        self.record, self.weights, self.sink = record, weights, sink
+        self.records: list[_Record] = []
         self.fired: dict[str, None] = {}
         self.grad_enabled = torch.is_grad_enabled()
 
@@ -141,12 +142,13 @@ class _PassRun:
         self.fired[site.name] = None
         if self.spec is None:  # discovery / clean pass: no noise, nothing recorded
             return value
-        if site.module is None and not self.grad_enabled:
+        keep = self.record or self.weights is not None
+        if keep and site.module is None and not self.grad_enabled:
             raise _NeedGradError
         perturbed = self.spec.sites is None or site.name in self.spec.sites
         if isinstance(value, Tensor):
             return self._perturb(site, value, args, perturbed)
-        if isinstance(value, (tuple, list)):
+        if isinstance(value, (tuple, list)) and not site.weight_noise:
             return type(value)(
                 self._perturb(site, v, None, perturbed)
                 if isinstance(v, Tensor) and torch.is_floating_point(v) else v
@@ -159,6 +161,8 @@ class _PassRun:
         )
 
     def _is_tiled(self, x: Tensor) -> bool:
+        if self.num_copies == 1:
+            return False
         if self.tiled.get(x.data_ptr()) != x.numel() or not x.is_contiguous():
             return False
         # The storage test is a cheap filter; the equality check guards against in-place
@@ -166,29 +170,73 @@ class _PassRun:
         copies = x.view(self.num_copies, self.batch, -1)
         return bool((copies[1:] == copies[:1]).all())
 
+    def _noise(self, site: _Site, row_shape: torch.Size, device: torch.device) -> Tensor:
+        z = self.est._sample(site, row_shape, self.total_copies, self.batch, device)
+        if self.num_copies != self.total_copies:
+            z = z[self.k0 * self.batch:self.k1 * self.batch]
+        return z
+
     def _perturb(self, site: _Site, value: Tensor, args: tuple | None, perturbed: bool) -> Tensor:
         if not perturbed:
             return value.detach()
-        if value.dim() == 0 or value.shape[0] != self.rows:
+        n = value.shape[0] if value.dim() else 0
+        shared = self.expand and n == self.batch and self.num_copies > 1
+        if not shared and n != self.rows:
             raise ValueError(
                 f"site {site.name!r} produced a value of shape {tuple(value.shape)}, but the pass "
                 f"has {self.rows} rows ({self.num_copies} copies x batch {self.batch}); a site's "
                 f"first dimension must be the batch (use batch_first=True layouts, or mark a "
                 f"batch-first value with ulr.perturb)"
             )
-        z = self.est._sample(site, value, self.num_copies, self.batch)
         x = args[0] if args is not None and len(args) == 1 else None
-        if site.closed_form and isinstance(x, Tensor) and not x.requires_grad:
-            if self._is_tiled(x):
+        keep = self.record or self.weights is not None
+        base = value.detach()
+        if shared:
+            base = replicate(base, self.num_copies)
+        if site.weight_noise:
+            return self._perturb_weights(site, base, x, shared, keep)
+        z = self._noise(site, value.shape[1:], value.device)
+        rec = None
+        if not keep:
+            pass
+        elif site.closed_form and isinstance(x, Tensor) and not x.requires_grad:
+            if shared or self._is_tiled(x):
                 # Σ_rows g_r x_r^T = Σ_b (Σ_k g_kb) x_b^T: the weight gradient costs B rows.
-                self.closed.append(_ClosedRecord(site, x.detach()[: self.batch], z, tiled=True))
+                rec = _Record(site, "closed", z, inputs=x.detach()[: self.batch], tiled=True)
             else:
-                self.closed.append(_ClosedRecord(site, x.detach(), z))
+                rec = _Record(site, "closed", z, inputs=x.detach())
         elif value.requires_grad:
-            self.vjp.append(_VJPRecord(site, value, z))
-        elif site.closed_form and self.grad_enabled is False and x is not None:
+            rec = _Record(site, "vjp", z, value=value, tiled=shared)
+        elif site.closed_form and not self.grad_enabled and x is not None:
             raise _NeedGradError
-        return value.detach() + z.to(value.dtype)
+        elif site.noise.learnable:
+            rec = _Record(site, "noise-only", z)
+        if rec is not None:
+            self._keep(rec)
+        return base + z.to(value.dtype)
+
+    def _perturb_weights(self, site: _Site, base: Tensor, x: Any, shared: bool,
+                         keep: bool) -> Tensor:
+        module = site.module
+        if not isinstance(x, Tensor):
+            raise TypeError(f"weight-noise site {site.name!r} must be called with one tensor")
+        x = x.detach()
+        if shared:
+            x = replicate(x, self.num_copies)
+        e = self._noise(site, module.weight.shape, x.device)
+        eb = (self._noise(site, module.bias.shape, x.device)
+              if module.bias is not None else None)
+        out = base + per_example_weight_output(module, x, e, eb).to(base.dtype)
+        if keep:
+            self._keep(_Record(site, "weight", e, bias_noise=eb))
+        return out
+
+    def _keep(self, rec: _Record) -> None:
+        if self.weights is None:
+            self.records.append(rec)
+        else:  # replay: the weights are known, turn the record into gradients now
+            grads, wanted, params = self.sink
+            self.est._record_grads([rec], self, self.weights, grads, wanted, params)
 
 
 class LikelihoodRatio:
@@ -219,11 +267,14 @@ class LikelihoodRatio:
         model: the network; it is only hooked while an estimate runs and left unchanged after.
         sites: which values get noise — a spec from :mod:`ulr.sites`, a list of names, or
             ``None`` for the output of every module that directly owns a trainable parameter.
-        noise: the noise of sites whose spec gives none: a :class:`ulr.Noise`, a mapping
-            site-name pattern -> noise, or a callable name -> noise. Default
-            ``Gaussian(0.1)``.
+        noise: the noise of sites whose spec gives none: a :class:`ulr.Noise` (output noise),
+            :func:`ulr.weight_noise` (per-example weight noise on Linear/Conv sites), a mapping
+            site-name pattern -> either, or a callable name -> either. Default
+            ``Gaussian(0.1)``. A noise made with ``learnable=True`` gets the LR gradient of its
+            ``ln σ`` too (:meth:`noise_parameters`).
         num_copies: noise copies ``K`` per example (per pass; plans may override it).
-        sampler: how copies are drawn jointly (:func:`ulr.iid`, :func:`ulr.antithetic`).
+        sampler: how copies are drawn jointly (:func:`ulr.iid`, :func:`ulr.antithetic`,
+            :func:`ulr.sobol`).
         baseline: control variate from :mod:`ulr.baselines` (default: none).
         plan: which passes perturb which sites, from :mod:`ulr.plans` (default: all at once).
         generator: the only source of randomness; default: a generator seeded from torch's
@@ -237,6 +288,21 @@ class LikelihoodRatio:
             leading dimension of ``targets`` (of the first input tensor if there are none) and
             only the targets must be batch-first. The result must give every site ``K·B`` rows,
             copy-major.
+        memory: how long the estimator holds what each site needs:
+
+            * ``"store"`` (default): each site's input (or local graph) and noise for all
+              ``K·B`` rows until the losses are known — about ``K×`` the activation memory of
+              backprop on ``B`` rows;
+            * ``"chunked"``: the copies in chunks of ``chunk_size``; memory bounded by a chunk
+              (plus one site's noise block while it is drawn). The same estimate as ``"store"``
+              for the same generator state. One forward sweep when the baseline is row-local
+              (``none``, ``clean``), two when it needs all copies (``leave_one_out``,
+              ``running_average``);
+            * ``"replay"``: a first forward computes only the losses; the noise is then
+              regenerated from the saved generator state in a second forward, where each site
+              turns into gradients as soon as it fires — peak memory close to inference on
+              ``K·B`` rows, for twice the forward compute.
+        chunk_size: copies per chunk for ``memory="chunked"``.
 
     Example:
         >>> import torch, ulr
@@ -274,20 +340,33 @@ class LikelihoodRatio:
         generator: torch.Generator | None = None,
         exclude: Iterable[str] = (),
         replicate: Callable[[Any, int], Any] | None = None,
+        memory: Memory = "store",
+        chunk_size: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(num_copies, bool) or not isinstance(num_copies, int) or num_copies < 1:
             raise ValueError(f"num_copies must be an int >= 1, got {num_copies!r}")
-        for arg, cls, fn in ((sampler, Sampler, "ulr.iid()/ulr.antithetic()"),
+        for arg, cls, fn in ((sampler, Sampler, "ulr.iid()/ulr.antithetic()/ulr.sobol()"),
                              (baseline, Baseline, "ulr.baselines.leave_one_out() etc."),
                              (plan, Plan, "ulr.plans.all_sites()/layerwise()")):
             if arg is not None and not isinstance(arg, cls):
                 raise TypeError(f"expected a {cls.__name__} such as {fn}, got {arg!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
-        if not (noise is None or isinstance(noise, (Noise, Mapping)) or callable(noise)):
+        if not (noise is None or isinstance(noise, (Noise, WeightNoise, Mapping))
+                or callable(noise)):
             raise TypeError(f"noise must be a ulr.Noise, a mapping or a callable, got {noise!r}")
+        if replicate is not None and not callable(replicate):
+            raise TypeError(f"replicate must be a callable (inputs, num_copies), got {replicate!r}")
+        if memory not in ("store", "chunked", "replay"):
+            raise ValueError(f"memory must be 'store', 'chunked' or 'replay', got {memory!r}")
+        if memory == "chunked":
+            if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+                raise ValueError(f"memory='chunked' needs chunk_size=<copies per chunk, >= 1>, "
+                                 f"got {chunk_size!r}")
+        elif chunk_size is not None:
+            raise ValueError(f"chunk_size is only used with memory='chunked' (memory={memory!r})")
 
         self.model = model
         self.spec = as_spec(sites)
@@ -297,8 +376,8 @@ class LikelihoodRatio:
         self.baseline = baseline if baseline is not None else none()
         self.plan = plan if plan is not None else all_sites()
         self.exclude = tuple(exclude)
-        if replicate is not None and not callable(replicate):
-            raise TypeError(f"replicate must be a callable (inputs, num_copies), got {replicate!r}")
+        self.memory: Memory = memory
+        self.chunk_size = chunk_size
         self._replicate_inputs = replicate
         self.sampler.check_num_copies(num_copies)
         self.baseline.check(num_copies, self.sampler.copy_groups(num_copies))
@@ -314,9 +393,7 @@ class LikelihoodRatio:
                 continue
             choice = self.spec.choose(name, module)
             if choice:
-                self._module_sites[module] = _Site(
-                    name, self._resolve_noise(name, choice), module, has_closed_form(module)
-                )
+                self._module_sites[module] = self._make_site(name, module, choice)
         if not self._module_sites and not self.spec.selects_marks:
             raise ValueError(
                 f"no site found: the spec {self.spec!r} selects no module of "
@@ -331,22 +408,35 @@ class LikelihoodRatio:
             generator = torch.Generator(device=device).manual_seed(seed)
         self.generator = generator
         self._warned_batchnorm = False
-        #: Forward rows (examples × copies, summed over passes) of the last call.
+        #: Forward rows (examples × copies, summed over passes and sweeps) of the last call.
         self.last_forward_rows = 0
 
     # -- configuration helpers ----------------------------------------------------------------
-    def _resolve_noise(self, name: str, choice: Noise | bool) -> Noise:
-        if isinstance(choice, Noise):
+    def _make_site(self, name: str, module: nn.Module | None, choice: Any) -> _Site:
+        noise = self._resolve_noise(name, choice)
+        weight = isinstance(noise, WeightNoise)
+        if weight:
+            if module is None or not has_closed_form(module):
+                raise ValueError(
+                    f"weight noise needs a plain nn.Linear or nn.Conv1d/2d/3d site, but "
+                    f"{name!r} is {type(module).__name__ if module is not None else 'a mark'}; "
+                    f"use output noise there"
+                )
+            noise = noise.noise
+        return _Site(name, noise, module, module is not None and has_closed_form(module), weight)
+
+    def _resolve_noise(self, name: str, choice: Any) -> Noise | WeightNoise:
+        if isinstance(choice, (Noise, WeightNoise)):
             return choice
         noise = self.noise
         if noise is None:
             return Gaussian(DEFAULT_SIGMA)
-        if isinstance(noise, Noise):
+        if isinstance(noise, (Noise, WeightNoise)):
             return noise
         if isinstance(noise, Mapping):
             for pattern, n in noise.items():
                 if fnmatch.fnmatchcase(name, pattern):
-                    if not isinstance(n, Noise):
+                    if not isinstance(n, (Noise, WeightNoise)):
                         raise TypeError(f"noise[{pattern!r}] must be a ulr.Noise, got {n!r}")
                     return n
             raise ValueError(
@@ -354,44 +444,70 @@ class LikelihoodRatio:
                 f"add an entry for it or a '*' default"
             )
         n = noise(name)
-        if not isinstance(n, Noise):
+        if not isinstance(n, (Noise, WeightNoise)):
             raise TypeError(f"noise({name!r}) must return a ulr.Noise, got {n!r}")
         return n
 
     def _mark_site(self, name: str) -> _Site | None:
         if name not in self._mark_sites:
             choice = self.spec.choose(name, None)
-            site = _Site(name, self._resolve_noise(name, choice), None, False) if choice else None
-            self._mark_sites[name] = site
+            self._mark_sites[name] = self._make_site(name, None, choice) if choice else None
         return self._mark_sites[name]
 
     def _closed_form_covers_all(self) -> bool:
-        owners = {id(p) for m, s in self._module_sites.items() if s.closed_form
-                  for p in m.parameters(recurse=False)}
         if any(not s.closed_form for s in self._module_sites.values()):
             return False
+        owners = {id(p) for m in self._module_sites for p in m.parameters(recurse=False)}
         return all(id(p) in owners for _, p in self._trainable())
 
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters()
                 if p.requires_grad and not any(fnmatch.fnmatchcase(n, e) for e in self.exclude)]
 
-    def _sample(self, site: _Site, value: Tensor, num_copies: int, batch: int) -> Tensor:
-        row_shape = value.shape[1:]
+    def noise_parameters(self) -> list[nn.Parameter]:
+        """Learnable noise scales (``ln σ``) of the sites seen so far, for an optimizer."""
+        seen: dict[int, nn.Parameter] = {}
+        for s in [*self._module_sites.values(), *filter(None, self._mark_sites.values())]:
+            for p in s.noise.parameters():
+                seen[id(p)] = p
+        return list(seen.values())
+
+    def _cache_prefix(self, spec: Pass) -> bool:
+        if spec.num_copies == 1:
+            return False
+        if spec.cache_prefix is None:
+            # Safe by construction only for a plain chain whose sites are its children.
+            return (isinstance(self.model, nn.Sequential) and self._replicate_inputs is None
+                    and not self.spec.selects_marks
+                    and all("." not in s.name and s.name for s in self._module_sites.values()))
+        if spec.cache_prefix and self._replicate_inputs is not None:
+            raise ValueError("cache_prefix=True cannot be combined with a custom replicate=; "
+                             "use cache_prefix=False")
+        return spec.cache_prefix
+
+    def _sample(self, site: _Site, row_shape: torch.Size, num_copies: int, batch: int,
+                device: torch.device) -> Tensor:
         site.noise.check_shape(row_shape, site.name)
         gen = self.generator
-        if gen.device != value.device and self._own_generator:
-            seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
-            gen = self.generator = torch.Generator(device=value.device).manual_seed(seed)
+        if gen.device != device and self._own_generator:
+            seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
+            gen = self.generator = torch.Generator(device=device).manual_seed(seed)
         z = self.sampler.sample(site.noise, num_copies, torch.Size((batch, *row_shape)),
                                 generator=gen, device=gen.device)
-        return z.reshape(num_copies * batch, *row_shape).to(value.device)
+        return z.reshape(num_copies * batch, *row_shape).to(device)
+
+    def _snapshot(self) -> tuple:
+        return self.generator.get_state(), self.sampler.snapshot()
+
+    def _restore(self, snapshot: tuple) -> None:
+        self.generator.set_state(snapshot[0])
+        self.sampler.restore(snapshot[1])
 
     def _warn_batchnorm(self) -> None:
         if self._warned_batchnorm:
             return
         for name, m in self.model.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            if type(m) in _MIXING_NORMS and m.training:
                 self._warned_batchnorm = True
                 warnings.warn(
                     f"BatchNorm layer {name!r} is in training mode: its batch statistics mix "
@@ -403,15 +519,22 @@ class LikelihoodRatio:
                 return
 
     # -- running passes -----------------------------------------------------------------------
-    def _forward(self, spec: Pass | None, inputs: Any, batch: int) -> tuple[Any, _PassRun]:
-        k = spec.num_copies if spec is not None else 1
-        rep = (inputs if k == 1 else replicate(inputs, k) if self._replicate_inputs is None
-               else self._replicate_inputs(inputs, k))
-        tiled = {t.data_ptr(): t.numel() for t in _tensors(rep) if t.dim() > 0} if k > 1 else {}
-        state = self.generator.get_state()
-        grad = self._needs_grad and spec is not None
+    def _forward(self, spec: Pass | None, inputs: Any, batch: int, *,
+                 copies: tuple[int, int] = (0, 1), expand: bool = False, record: bool = True,
+                 weights: Tensor | None = None, sink: tuple | None = None) -> tuple[Any, _PassRun]:
+        c = copies[1] - copies[0]
+        if c == 1 or expand:
+            rep = inputs
+        elif self._replicate_inputs is None:
+            rep = replicate(inputs, c)
+        else:
+            rep = self._replicate_inputs(inputs, c)
+        tiled = {t.data_ptr(): t.numel() for t in _tensors(rep)} if c > 1 and not expand else {}
+        snapshot = self._snapshot()
+        grad = self._needs_grad and spec is not None and (record or weights is not None)
         while True:
-            run = _PassRun(self, spec, batch, tiled)
+            run = _PassRun(self, spec, batch, copies=copies, expand=expand, tiled=tiled,
+                           record=record, weights=weights, sink=sink)
             handles = [m.register_forward_hook(run.hook) for m in self._module_sites]
             stack = _stack()
             stack.append(run)
@@ -422,7 +545,15 @@ class LikelihoodRatio:
                 return out, run
             except _NeedGradError:
                 self._needs_grad = grad = True
-                self.generator.set_state(state)
+                self._restore(snapshot)
+            except RuntimeError as err:
+                if expand:
+                    raise RuntimeError(
+                        f"{err}\n(ulr: this pass computed the noise-free prefix on the {batch} "
+                        f"examples and tiled it at the first perturbed site; a value from before "
+                        f"that site is combined with one after it. Pass cache_prefix=False to "
+                        f"the plan.)") from err
+                raise
             finally:
                 stack.pop()
                 for h in handles:
@@ -444,7 +575,9 @@ class LikelihoodRatio:
                 f"loss_fn must return one loss per row, shape ({rows},), but returned shape "
                 f"{tuple(losses.shape)}{hint}"
             )
-        losses = losses.detach().float()
+        losses = losses.detach()
+        if losses.dtype != torch.float64:
+            losses = losses.float()
         bad = (~torch.isfinite(losses)).sum().item()
         if bad:
             raise ValueError(
@@ -453,27 +586,115 @@ class LikelihoodRatio:
             )
         return losses
 
-    def _accumulate(self, run: _PassRun, weights: Tensor, grads: dict[Tensor, Tensor],
-                    params: list[tuple[str, nn.Parameter]]) -> None:
-        rows = run.rows
-        wanted = {id(p) for _, p in params}
-        for rec in run.closed:
-            signal = lr_signal(weights, rec.site.noise.score(rec.noise), rows)
+    def _record_grads(self, records: list[_Record], run: _PassRun, weights: Tensor,
+                      grads: dict[Tensor, Tensor], wanted: set[int],
+                      params: list[nn.Parameter]) -> None:
+        """Turn records into gradients: ``weights [rows of run]``, normalised by all rows."""
+        rows = run.rows_total
+        outs, signals = [], []
+        for rec in records:
+            noise, module = rec.site.noise, rec.site.module
+            if noise.learnable:
+                _add(grads, noise.log_scale, noise.log_scale_grad(rec.noise, weights, rows))
+                if rec.bias_noise is not None:
+                    g = noise.log_scale_grad(rec.bias_noise, weights, rows)
+                    _add(grads, noise.log_scale, g)
+            if rec.kind == "noise-only":
+                continue
+            signal = lr_signal(weights, noise.score(rec.noise), rows)
+            if rec.kind == "weight":
+                if id(module.weight) in wanted:
+                    _add(grads, module.weight, signal.sum(0))
+                if rec.bias_noise is not None and id(module.bias) in wanted:
+                    _add(grads, module.bias,
+                         lr_signal(weights, noise.score(rec.bias_noise), rows).sum(0))
+                continue
             if rec.tiled:
                 signal = signal.view(run.num_copies, run.batch, *signal.shape[1:]).sum(0)
-            for pname, g in module_grads(rec.site.module, rec.inputs, signal).items():
-                p = getattr(rec.site.module, pname)
-                if id(p) in wanted:
-                    grads[p] = grads[p] + g if p in grads else g
-        if run.vjp:
-            outs = [r.value for r in run.vjp]
-            signals = [lr_signal(weights, r.site.noise.score(r.noise), rows).to(r.value.dtype)
-                       for r in run.vjp]
-            plist = [p for _, p in params]
-            for p, g in zip(plist, torch.autograd.grad(outs, plist, signals, allow_unused=True),
+            if rec.kind == "closed":
+                for pname, g in module_grads(module, rec.inputs, signal).items():
+                    p = getattr(module, pname)
+                    if id(p) in wanted:
+                        _add(grads, p, g)
+            else:
+                outs.append(rec.value)
+                signals.append(signal.to(rec.value.dtype))
+        if outs and params:
+            for p, g in zip(params, torch.autograd.grad(outs, params, signals, allow_unused=True),
                             strict=True):
                 if g is not None:
-                    grads[p] = grads[p] + g if p in grads else g
+                    _add(grads, p, g)
+
+    def _estimate_pass(self, spec: Pass, loss_fn: Callable, inputs: Any, targets: Any,
+                       batch: int, clean: Tensor | None, grads: dict[Tensor, Tensor],
+                       params: list[nn.Parameter]) -> tuple[float, int, int]:
+        """Run one pass in the chosen memory mode; returns (loss sum, loss rows, forward rows)."""
+        k = spec.num_copies
+        self.sampler.check_num_copies(k)
+        groups = self.sampler.copy_groups(k)
+        self.baseline.check(k, groups)
+        expand = self._cache_prefix(spec)
+        wanted = {id(p) for p in params}
+        sink = (grads, wanted, params)
+
+        def forward(copies, record, weights=None):
+            out, run = self._forward(spec, inputs, batch, copies=copies, expand=expand,
+                                     record=record, weights=weights, sink=sink)
+            if not run.fired:
+                raise self._no_site_error()
+            return out, run
+
+        def losses_of(out, run):
+            c = run.num_copies
+            return self._losses(loss_fn, out, targets if c == 1 else replicate(targets, c),
+                                run.rows)
+
+        def weights_of(losses, copies):
+            k0, k1 = copies
+            ctx = Context(groups[k0:k1], clean, spec.key)
+            return self.baseline(losses.view(k1 - k0, batch), ctx).reshape(-1)
+
+        start = self._snapshot()
+        if self.memory == "store":
+            out, run = forward((0, k), True)
+            losses = losses_of(out, run)
+            del out
+            self._record_grads(run.records, run, weights_of(losses, (0, k)), grads, wanted, params)
+            return float(losses.sum()), losses.numel(), k * batch
+        if self.memory == "replay":
+            with torch.no_grad():
+                out, run = forward((0, k), False)
+                losses = losses_of(out, run)
+            del out, run
+            self._restore(start)
+            self._forward(spec, inputs, batch, copies=(0, k), expand=expand, record=False,
+                          weights=weights_of(losses, (0, k)), sink=sink)
+            return float(losses.sum()), losses.numel(), 2 * k * batch
+        chunks = [(c, min(c + self.chunk_size, k)) for c in range(0, k, self.chunk_size)]
+        if self.baseline.row_local:
+            total, count = 0.0, 0
+            for ch in chunks:
+                self._restore(start)
+                out, run = forward(ch, True)
+                losses = losses_of(out, run)
+                del out
+                self._record_grads(run.records, run, weights_of(losses, ch), grads, wanted, params)
+                total, count = total + float(losses.sum()), count + losses.numel()
+            return total, count, k * batch
+        parts = []
+        for ch in chunks:
+            self._restore(start)
+            with torch.no_grad():
+                out, run = forward(ch, False)
+                parts.append(losses_of(out, run))
+        losses = torch.cat(parts)
+        weights = weights_of(losses, (0, k))
+        for ch in chunks:
+            self._restore(start)
+            _, run = forward(ch, True)
+            self._record_grads(run.records, run, weights[ch[0] * batch:ch[1] * batch], grads,
+                               wanted, params)
+        return float(losses.sum()), losses.numel(), 2 * k * batch
 
     def loss_and_grads(self, loss_fn: Callable[..., Tensor], inputs: Any,
                        targets: Any = None) -> Tensor:
@@ -503,18 +724,17 @@ class LikelihoodRatio:
         elif not isinstance(inputs, (tuple, dict)):
             inputs = (inputs,)
         custom = self._replicate_inputs is not None
-        first = _first_tensor(targets) if custom else None
-        if first is None:
-            first = _first_tensor(inputs)
-        if first is None:
+        found = _tensors(targets) if custom else []
+        found = found or _tensors(inputs)
+        if not found:
             raise ValueError("inputs must contain at least one batch-first tensor")
-        batch = first.shape[0]
+        batch = found[0].shape[0]
         if not custom:
             _check_batch(inputs, batch, "inputs")
         _check_batch(targets, batch, "targets")
         self._warn_batchnorm()
 
-        params = self._trainable()
+        params = [p for _, p in self._trainable()]
         clean_losses, site_names = None, ()
         rows_total = 0
         if self.plan.needs_site_names or self.baseline.needs_clean:
@@ -526,28 +746,16 @@ class LikelihoodRatio:
                 raise self._no_site_error()
             if self.baseline.needs_clean:
                 clean_losses = self._losses(loss_fn, outputs, targets, batch)
+            del outputs
 
         grads: dict[Tensor, Tensor] = {}
-        loss_sum, rows_loss = 0.0, 0
+        loss_sum, loss_rows = 0.0, 0
         for spec in self.plan.passes(site_names, self.num_copies):
-            k = spec.num_copies
-            self.sampler.check_num_copies(k)
-            groups = self.sampler.copy_groups(k)
-            self.baseline.check(k, groups)
-            outputs, run = self._forward(spec, inputs, batch)
-            if not run.fired:
-                raise self._no_site_error()
-            rows_total += run.rows
-            losses = self._losses(loss_fn, outputs,
-                                  replicate(targets, k) if k > 1 else targets, run.rows)
-            del outputs
-            weights = self.baseline(losses.view(k, batch),
-                                    Context(groups, clean_losses, spec.key)).reshape(-1)
-            self._accumulate(run, weights, grads, params)
-            loss_sum += float(losses.sum())
-            rows_loss += run.rows
+            s, n, f = self._estimate_pass(spec, loss_fn, inputs, targets, batch, clean_losses,
+                                          grads, params)
+            loss_sum, loss_rows, rows_total = loss_sum + s, loss_rows + n, rows_total + f
 
-        uncovered = [n for n, p in params if p not in grads]
+        uncovered = [n for n, p in self._trainable() if p not in grads]
         if uncovered:
             raise ValueError(
                 f"no site covers the trainable parameters {uncovered}: no noise site lies "
@@ -556,14 +764,14 @@ class LikelihoodRatio:
                 f"(requires_grad_(False)), or leave them out with exclude=[...]"
             )
         with torch.no_grad():
-            for _, p in params:
-                g = grads[p].to(p.dtype)
+            for p, g in grads.items():
+                g = g.to(p.dtype)
                 if p.grad is None:
                     p.grad = g
                 else:
                     p.grad.add_(g)
         self.last_forward_rows = rows_total
-        return torch.tensor(loss_sum / rows_loss)
+        return torch.tensor(loss_sum / loss_rows)
 
     def _no_site_error(self) -> ValueError:
         return ValueError(
@@ -574,12 +782,15 @@ class LikelihoodRatio:
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Generator state and the state of the sampler and baseline (for exact resumption)."""
+        """Generator, sampler and baseline state and learnable noise scales (exact resume)."""
+        sites = [*self._module_sites.values(), *filter(None, self._mark_sites.values())]
         return {
             "generator": self.generator.get_state(),
             "generator_device": str(self.generator.device),
             "sampler": self.sampler.state_dict(),
             "baseline": self.baseline.state_dict(),
+            "noise": {s.name: s.noise.log_scale.detach().clone() for s in sites
+                      if s.noise.learnable},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -594,8 +805,20 @@ class LikelihoodRatio:
         self.generator.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"])
         self.baseline.load_state_dict(state["baseline"])
+        sites = {s.name: s for s in self._module_sites.values()}
+        for name, value in state.get("noise", {}).items():
+            site = sites.get(name) or self._mark_site(name)
+            if site is None or not site.noise.learnable:
+                raise ValueError(f"estimator state has a learnable noise scale for site "
+                                 f"{name!r}, which has no learnable noise here")
+            with torch.no_grad():
+                site.noise.log_scale.copy_(value)
 
     def __repr__(self) -> str:
         sites = ", ".join(s.name or "<root>" for s in self._module_sites.values())
         return (f"LikelihoodRatio(sites=[{sites}], num_copies={self.num_copies}, "
-                f"sampler={self.sampler!r}, baseline={self.baseline!r}, plan={self.plan!r})")
+                f"sampler={self.sampler!r}, baseline={self.baseline!r}, plan={self.plan!r}, "
+                f"memory={self.memory!r})")
+
+
+_MIXING_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

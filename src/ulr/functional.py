@@ -24,6 +24,7 @@ __all__ = [
     "bias_grad",
     "module_grads",
     "has_closed_form",
+    "per_example_weight_output",
 ]
 
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
@@ -35,8 +36,9 @@ _CONV_FORWARDS = tuple(t.forward for t in _CONV_TYPES)
 def lr_signal(weights: Tensor, score: Tensor, num_rows: int | None = None) -> Tensor:
     """``g = w · score / N``: ``weights [N]``, ``score [N, *site]`` -> ``[N, *site]`` (fp32+)."""
     n = score.shape[0] if num_rows is None else num_rows
-    w = weights.reshape(weights.shape[0], *([1] * (score.dim() - 1)))
-    return score * (w.to(score.dtype) / n)
+    dtype = torch.promote_types(score.dtype, weights.dtype)
+    w = weights.reshape(weights.shape[0], *([1] * (score.dim() - 1))).to(dtype)
+    return score.to(dtype) * (w / n)
 
 
 def linear_weight_grad(inputs: Tensor, signal: Tensor) -> Tensor:
@@ -109,3 +111,37 @@ def module_grads(module: nn.Module, inputs: Tensor, signal: Tensor) -> dict[str,
     if module.bias is not None and module.bias.requires_grad:
         grads["bias"] = bias_grad(signal, -1 if is_linear else 1)
     return grads
+
+
+def per_example_weight_output(module: nn.Module, inputs: Tensor, weight_noise: Tensor,
+                              bias_noise: Tensor | None) -> Tensor:
+    """The output change ``E_n x_n + e_n`` of a Linear/Conv layer whose weights get a different
+    perturbation ``E_n`` for every row ``n``.
+
+    Shapes: ``inputs [R, ...]`` as the layer takes them, ``weight_noise [R, *W.shape]``,
+    ``bias_noise [R, out]`` or None -> the layer's output shape. Linear uses a batched product;
+    Conv one grouped convolution with ``R·groups`` groups (each row convolved with its own
+    kernel), padded exactly as the module pads.
+    """
+    rows = inputs.shape[0]
+    weight_noise = weight_noise.to(inputs.dtype)
+    if isinstance(module, nn.Linear):
+        out = torch.einsum("r...i,roi->r...o", inputs, weight_noise)
+        if bias_noise is not None:
+            shape = (rows, *([1] * (out.dim() - 2)), out.shape[-1])
+            out = out + bias_noise.to(out.dtype).view(shape)
+        return out
+    nd = len(module.kernel_size)
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        inputs = F.pad(inputs, _explicit_padding(module), mode=module.padding_mode)
+        padding = (0,) * nd
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    grouped = inputs.reshape(1, rows * inputs.shape[1], *inputs.shape[2:])
+    kernels = weight_noise.reshape(rows * weight_noise.shape[1], *weight_noise.shape[2:])
+    out = conv(grouped, kernels, None, module.stride, padding, module.dilation,
+               module.groups * rows)
+    out = out.view(rows, -1, *out.shape[2:])
+    if bias_noise is not None:
+        out = out + bias_noise.to(out.dtype).view(rows, -1, *([1] * nd))
+    return out

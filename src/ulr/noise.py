@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["Noise", "Gaussian", "Laplace", "Logistic"]
+__all__ = ["Noise", "Gaussian", "Laplace", "Logistic", "WeightNoise", "weight_noise"]
 
 
 def _as_scale(value: float | Tensor, name: str) -> float | Tensor:
@@ -49,30 +49,58 @@ class Noise:
     #: Name of the scale argument, for messages and ``repr``.
     scale_name: str = "scale"
 
-    def __init__(self, scale: float | Tensor) -> None:
+    def __init__(self, scale: float | Tensor, *, learnable: bool = False) -> None:
         self._scale = _as_scale(scale, self.scale_name)
+        #: With ``learnable=True``: the parameter ``ln(scale)`` (shape of ``scale``), whose
+        #: gradient the estimator writes to ``.grad``; give ``noise.parameters()`` to an optimizer.
+        self.log_scale: nn.Parameter | None = None
+        if learnable:
+            self.log_scale = nn.Parameter(torch.log(torch.as_tensor(self._scale,
+                                                                    dtype=torch.float32)))
+
+    @property
+    def learnable(self) -> bool:
+        return self.log_scale is not None
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The learnable parameters (``[log_scale]`` or ``[]``), for an optimizer."""
+        return [self.log_scale] if self.log_scale is not None else []
 
     @property
     def scale(self) -> float | Tensor:
         """The scale (float or tensor broadcasting against the per-row site shape)."""
+        if self.log_scale is not None:
+            return self.log_scale.detach().exp()
         return self._scale
 
+    @scale.setter
+    def scale(self, value: float | Tensor) -> None:
+        """Set the scale (schedules use this); a learnable scale keeps its parameter object."""
+        value = _as_scale(value, self.scale_name)
+        if self.log_scale is not None:
+            with torch.no_grad():
+                self.log_scale.copy_(torch.log(torch.as_tensor(value, dtype=torch.float32)))
+        else:
+            self._scale = value
+
     def _scale_like(self, like: Tensor) -> float | Tensor:
-        if isinstance(self._scale, Tensor):
-            return self._scale.to(device=like.device, dtype=like.dtype)
-        return self._scale
+        scale = self.scale
+        if isinstance(scale, Tensor):
+            return scale.to(device=like.device, dtype=like.dtype)
+        return scale
 
     def check_shape(self, site_shape: torch.Size, site: str) -> None:
         """Raise a ``ValueError`` if a tensor scale does not broadcast to ``site_shape``."""
-        if not isinstance(self._scale, Tensor):
+        scale = self.scale
+        if not isinstance(scale, Tensor):
             return
         try:
-            shape = torch.broadcast_shapes(self._scale.shape, site_shape)
+            shape = torch.broadcast_shapes(scale.shape, site_shape)
         except RuntimeError:
             shape = None
         if shape != site_shape:
             raise ValueError(
-                f"site {site!r}: {self.scale_name} of shape {tuple(self._scale.shape)} does not "
+                f"site {site!r}: {self.scale_name} of shape {tuple(scale.shape)} does not "
                 f"broadcast to the per-row site shape {tuple(site_shape)}; give a float, a tensor "
                 f"of shape {tuple(site_shape)}, or one that broadcasts to it "
                 f"(e.g. [C, 1, 1] for per-channel conv noise)"
@@ -119,10 +147,34 @@ class Noise:
         """Inverse CDF: maps ``u`` in (0, 1) to noise with this density (scale applied)."""
         return self.scale_noise(self.standard_icdf(u))
 
+    def log_scale_grad(self, z: Tensor, weights: Tensor, num_rows: int) -> Tensor:
+        r"""LR estimate of ``∂F/∂ ln s`` from noise ``z [R, *site]`` and row weights ``[R]``.
+
+        For ``z = s·e`` with ``e`` of unit scale, ``∂ ln f_s(z)/∂ ln s = e·ψ(e) − 1`` where
+        ``ψ`` is the unit score, so
+
+        .. math:: \frac{∂F}{∂ \ln s} = E[\, L\, (e\,ψ(e) − 1)]
+
+        (``ε² − 1`` for Gaussian noise). Summed over the rows (divided by ``num_rows``) and over
+        the site dimensions the scale broadcasts along; returns the shape of ``log_scale``.
+        """
+        z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+        e = z / self._scale_like(z)
+        term = e * self.standard_score(e) - 1.0
+        w = weights.reshape(weights.shape[0], *([1] * (z.dim() - 1))).to(term.dtype)
+        g = (w * term).sum(0) / num_rows  # [*site]
+        shape = self.log_scale.shape if self.log_scale is not None else torch.Size()
+        extra = g.dim() - len(shape)
+        if extra:
+            g = g.sum(dim=tuple(range(extra)))
+        dims = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+        return g.sum(dim=dims, keepdim=True) if dims else g
+
     def __repr__(self) -> str:
-        s = self._scale
+        s = self.scale
         text = f"tensor{tuple(s.shape)}" if isinstance(s, Tensor) else f"{s:g}"
-        return f"{type(self).__name__}({self.scale_name}={text})"
+        extra = ", learnable=True" if self.learnable else ""
+        return f"{type(self).__name__}({self.scale_name}={text}{extra})"
 
 
 class Gaussian(Noise):
@@ -140,12 +192,12 @@ class Gaussian(Noise):
 
     scale_name = "sigma"
 
-    def __init__(self, sigma: float | Tensor) -> None:
-        super().__init__(sigma)
+    def __init__(self, sigma: float | Tensor, *, learnable: bool = False) -> None:
+        super().__init__(sigma, learnable=learnable)
 
     @property
     def sigma(self) -> float | Tensor:
-        return self._scale
+        return self.scale
 
     def standard_sample(self, shape, *, generator, device):
         return torch.randn(shape, generator=generator, device=device)
@@ -194,3 +246,29 @@ class Logistic(Noise):
 
     def standard_icdf(self, u: Tensor) -> Tensor:
         return torch.log(u) - torch.log1p(-u)
+
+
+class WeightNoise:
+    """Marks a Linear/Conv site for **weight noise**: each example gets its own perturbed
+    weights ``W_n = W + E_n`` (and bias ``b + e_n``), with ``E_n`` drawn from ``noise``.
+
+    The gradient is ``mean_n w_n · score(E_n)`` — it needs neither the layer's input nor an
+    autograd graph. The perturbed output ``(W + E_n) x_n`` is computed per example with a
+    batched product (Linear) or a grouped convolution (Conv), so memory grows with the number of
+    weights: meant for layers with few weights and large outputs, such as the first
+    convolutions (the ULR authors use ``σ = 1e-3`` there). Use with :func:`weight_noise`.
+    """
+
+    def __init__(self, noise: Noise) -> None:
+        if not isinstance(noise, Noise):
+            raise TypeError(f"weight_noise() wraps a ulr noise, got {noise!r}")
+        self.noise = noise
+
+    def __repr__(self) -> str:
+        return f"weight_noise({self.noise!r})"
+
+
+def weight_noise(noise: Noise) -> WeightNoise:
+    """Per-example weight noise for a Linear/Conv site, e.g.
+    ``sites=ulr.sites.by_name({"conv1": ulr.weight_noise(ulr.Gaussian(1e-3))})``."""
+    return WeightNoise(noise)

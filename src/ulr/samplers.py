@@ -51,6 +51,14 @@ class Sampler:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def snapshot(self) -> object:
+        """A cheap copy of the sampler's state, to draw the same noise again (replay, chunks)."""
+        return self.state_dict()
+
+    def restore(self, snapshot: object) -> None:
+        """Return to a :meth:`snapshot`."""
+        self.load_state_dict(snapshot)
+
 
 class _IID(Sampler):
     def sample(self, noise, num_copies, shape, *, generator, device):
@@ -89,6 +97,12 @@ class _Antithetic(Sampler):
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state.get("inner", {}))
+
+    def snapshot(self) -> object:
+        return self.inner.snapshot()
+
+    def restore(self, snapshot: object) -> None:
+        self.inner.restore(snapshot)
 
     def __repr__(self) -> str:
         return f"antithetic({self.inner!r})"
@@ -142,6 +156,19 @@ class _Sobol(Sampler):
             for e in engines:
                 e.fast_forward(drawn)
             self._engines[int(d)] = (seed, engines)
+
+    def snapshot(self) -> object:
+        return {d: engines[0].num_generated for d, (_, engines) in self._engines.items()}
+
+    def restore(self, snapshot: object) -> None:
+        # reset + fast_forward is cheap; rebuilding the scrambled engines is not.
+        for d in list(self._engines):
+            if d not in snapshot:
+                del self._engines[d]
+        for d, drawn in snapshot.items():
+            for e in self._engines[d][1]:
+                e.reset()
+                e.fast_forward(drawn)
 
     def __repr__(self) -> str:
         return "sobol()"

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .noise import Noise
+from .noise import Noise, WeightNoise
 
 __all__ = [
     "SiteSpec",
@@ -41,8 +41,9 @@ __all__ = [
 ]
 
 #: What a spec answers for one candidate: ``None`` (not a site), ``True`` (a site with the
-#: estimator's noise) or a :class:`~ulr.Noise` (a site with this noise).
-Choice = Noise | bool | None
+#: estimator's noise), a :class:`~ulr.Noise` (a site with this output noise) or a
+#: :class:`~ulr.WeightNoise` (a Linear/Conv site with per-example weight noise).
+Choice = Noise | WeightNoise | bool | None
 
 
 class SiteSpec:
@@ -72,7 +73,7 @@ class _Union(SiteSpec):
         found: Choice = None
         for spec in self.specs:
             c = spec.choose(name, module)
-            if isinstance(c, Noise):
+            if isinstance(c, (Noise, WeightNoise)):
                 return c
             found = found or c
         return found
@@ -85,11 +86,12 @@ class _Union(SiteSpec):
         return " | ".join(map(repr, self.specs))
 
 
-def _check_noise(noise: Noise | None) -> Noise | bool:
+def _check_noise(noise: Noise | WeightNoise | None) -> Noise | WeightNoise | bool:
     if noise is None:
         return True
-    if not isinstance(noise, Noise):
-        raise TypeError(f"noise must be a ulr noise (e.g. ulr.Gaussian(0.05)), got {noise!r}")
+    if not isinstance(noise, (Noise, WeightNoise)):
+        raise TypeError(f"noise must be a ulr noise (e.g. ulr.Gaussian(0.05)) or "
+                        f"ulr.weight_noise(...), got {noise!r}")
     return noise
 
 

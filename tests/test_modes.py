@@ -1,0 +1,142 @@
+"""Memory modes and prefix caching change what is kept and what is recomputed, never the
+estimate: under the same generator state they must give the same gradients as store mode."""
+
+import pytest
+import torch
+from conftest import ce
+from test_contract import Block, Cell
+from torch import nn
+
+import ulr
+
+
+def _grads(model, make, inputs, targets, loss=ce):
+    model.zero_grad(set_to_none=True)
+    est = make()
+    mean = est.loss_and_grads(loss, inputs, targets)
+    return [p.grad.clone() for p in model.parameters()], mean, est
+
+
+def _assert_same(a, b):
+    # The models run in float64 here: chunks sum the same terms in another order, and without a
+    # baseline the terms are far larger than their sum, which float32 would blur.
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10)
+
+
+SAMPLERS = {"iid": ulr.iid, "antithetic": ulr.antithetic, "sobol": ulr.sobol}
+BASELINES = {"none": ulr.baselines.none, "clean": ulr.baselines.clean,
+             "loo": ulr.baselines.leave_one_out, "running": ulr.baselines.running_average}
+
+
+@pytest.mark.parametrize("memory,chunk", [("chunked", 1), ("chunked", 4), ("chunked", 5),
+                                          ("replay", None)])
+@pytest.mark.parametrize(  # leave_one_out refuses sobol: test_variance_reduction checks that
+    "sampler,baseline",
+    [(s, b) for s in SAMPLERS for b in BASELINES if not (s == "sobol" and b == "loo")])
+@pytest.mark.parametrize("plan", ["all_sites", "layerwise"])
+def test_memory_modes_match_store(cnn, memory, chunk, sampler, baseline, plan):
+    cnn.double()
+    x, y = torch.randn(3, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+
+    def make(mode, size):
+        return lambda: ulr.LikelihoodRatio(
+            cnn, num_copies=8, sampler=SAMPLERS[sampler](), baseline=BASELINES[baseline](),
+            plan=getattr(ulr.plans, plan)(), memory=mode, chunk_size=size,
+            generator=torch.Generator().manual_seed(0))
+
+    want, want_mean, est_a = _grads(cnn, make("store", None), x, y)
+    got, got_mean, est_b = _grads(cnn, make(memory, chunk), x, y)
+    _assert_same(got, want)
+    torch.testing.assert_close(got_mean, want_mean)
+    # the generator ends where store mode leaves it, so the next step's noise agrees too
+    assert torch.equal(est_a.generator.get_state(), est_b.generator.get_state())
+
+
+@pytest.mark.parametrize("memory,chunk", [("chunked", 3), ("replay", None)])
+def test_memory_modes_with_local_vjps_and_marks(memory, chunk):
+    torch.manual_seed(0)
+    for model, x, y, sites in [
+        (Block().double(), torch.randint(0, 10, (4, 5)), torch.randint(0, 3, (4,)), None),
+        (Cell().double(), torch.randn(4, 3, 3, dtype=torch.float64), torch.randint(0, 2, (4,)),
+         ulr.sites.marked("pre") | ulr.sites.by_name("out")),
+    ]:
+        def make(mode, size, model=model, sites=sites):
+            return lambda: ulr.LikelihoodRatio(
+                model, sites=sites, num_copies=6, sampler=ulr.antithetic(),
+                baseline=ulr.baselines.leave_one_out(), memory=mode, chunk_size=size,
+                generator=torch.Generator().manual_seed(1))
+
+        want, _, _ = _grads(model, make("store", None), x, y)
+        got, _, _ = _grads(model, make(memory, chunk), x, y)
+        _assert_same(got, want)
+
+
+def test_replay_keeps_no_records_and_counts_two_sweeps(mlp):
+    x, y = torch.randn(4, 6), torch.randint(0, 4, (4,))
+    est = ulr.LikelihoodRatio(mlp, num_copies=8, memory="replay")
+    est.loss_and_grads(ce, x, y)
+    assert est.last_forward_rows == 2 * 8 * 4
+    est = ulr.LikelihoodRatio(mlp, num_copies=8, memory="chunked", chunk_size=3,
+                              baseline=ulr.baselines.leave_one_out())
+    est.loss_and_grads(ce, x, y)
+    assert est.last_forward_rows == 2 * 8 * 4  # losses first, then gradients
+
+
+@pytest.mark.parametrize("plan", [ulr.plans.all_sites, ulr.plans.layerwise])
+@pytest.mark.parametrize("which", ["mlp", "cnn"])
+def test_prefix_caching_gives_the_same_estimate(request, which, plan):
+    model = request.getfixturevalue(which).double()
+    x = torch.randn(5, 6) if which == "mlp" else torch.randn(5, 1, 6, 6)
+    x = x.double()
+    y = torch.randint(0, 3, (5,))
+
+    def make(cache):
+        return lambda: ulr.LikelihoodRatio(model, num_copies=6, sampler=ulr.antithetic(),
+                                           baseline=ulr.baselines.leave_one_out(),
+                                           plan=plan(cache_prefix=cache),
+                                           generator=torch.Generator().manual_seed(0))
+
+    want, _, _ = _grads(model, make(False), x, y)
+    got, _, _ = _grads(model, make(True), x, y)
+    _assert_same(got, want)
+
+
+def test_prefix_caching_runs_the_prefix_on_b_rows():
+    seen = []
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    est = ulr.LikelihoodRatio(model, num_copies=8, plan=ulr.plans.layerwise())
+    est.loss_and_grads(ce, torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    # discovery (5 rows), pass of site 0 (its own input: 5 rows, tiled after), pass of site 2
+    assert seen == [5, 5, 5]
+
+
+def test_prefix_caching_is_off_by_default_for_non_chains_and_fails_loudly_when_forced():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(x + self.a(x))
+
+    model = Residual()
+    x, y = torch.randn(3, 4), torch.randint(0, 2, (3,))
+    ulr.LikelihoodRatio(model, num_copies=4, plan=ulr.plans.layerwise()).loss_and_grads(ce, x, y)
+    forced = ulr.LikelihoodRatio(model, num_copies=4,
+                                 plan=ulr.plans.layerwise(cache_prefix=True))
+    with pytest.raises(RuntimeError, match="cache_prefix=False"):
+        forced.loss_and_grads(ce, x, y)
+    nested = nn.Sequential(nn.Sequential(nn.Linear(4, 4)), nn.Linear(4, 2))
+    est = ulr.LikelihoodRatio(nested, num_copies=4)
+    assert not est._cache_prefix(ulr.plans.all_sites().passes([], 4)[0])
+
+
+def test_memory_argument_errors(mlp):
+    with pytest.raises(ValueError, match="chunk_size"):
+        ulr.LikelihoodRatio(mlp, memory="chunked")
+    with pytest.raises(ValueError, match="only used with memory='chunked'"):
+        ulr.LikelihoodRatio(mlp, chunk_size=4)
+    with pytest.raises(ValueError, match="'store', 'chunked' or 'replay'"):
+        ulr.LikelihoodRatio(mlp, memory="disk")
