@@ -109,3 +109,15 @@ def test_per_example_weight_output_matches_a_loop(layer):
                 perturbed.bias += eb[r]
             want = perturbed(x[r : r + 1]) - layer(x[r : r + 1])
         torch.testing.assert_close(got[r : r + 1], want)
+
+
+def test_conv_weight_grad_in_row_blocks_equals_one_block(monkeypatch):
+    import ulr.functional as fn
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, stride=2).double()
+    x = torch.randn(7, 3, 8, 8, dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    whole = fn.conv_weight_grad(x, g, conv)
+    monkeypatch.setattr(fn, "_CONV_BLOCK_BYTES", 1)  # one row per block
+    torch.testing.assert_close(fn.conv_weight_grad(x, g, conv), whole)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .baselines import Baseline, Context, none
-from .functional import has_closed_form, lr_signal, module_grads, per_example_weight_output
+from .functional import has_closed_form, module_grads, per_example_weight_output
 from .noise import Gaussian, Noise, WeightNoise
 from .plans import Pass, Plan, all_sites
 from .samplers import Sampler, iid
@@ -173,8 +173,19 @@ class _PassRun:
     def _noise(self, site: _Site, row_shape: torch.Size, device: torch.device) -> Tensor:
         z = self.est._sample(site, row_shape, self.total_copies, self.batch, device)
         if self.num_copies != self.total_copies:
-            z = z[self.k0 * self.batch:self.k1 * self.batch]
+            # a copy, not a view: a view would keep the whole K-copy block alive
+            z = z[self.k0 * self.batch:self.k1 * self.batch].clone()
         return z
+
+    def _add(self, base: Tensor, z: Tensor, shared: bool, consume: bool) -> Tensor:
+        """``base + z``; a shared ``base`` (B rows) is broadcast over the copies, never tiled;
+        with ``consume`` the sum is written into ``z``'s storage."""
+        zz = z if z.dtype == base.dtype else z.to(base.dtype)
+        if shared:
+            zz = zz.view(self.num_copies, self.batch, *zz.shape[1:])
+            base = base.unsqueeze(0)
+        out = zz.add_(base) if consume and zz is z else zz + base
+        return out.view(self.rows, *out.shape[2 if shared else 1:])
 
     def _perturb(self, site: _Site, value: Tensor, args: tuple | None, perturbed: bool) -> Tensor:
         if not perturbed:
@@ -191,15 +202,17 @@ class _PassRun:
         x = args[0] if args is not None and len(args) == 1 else None
         keep = self.record or self.weights is not None
         base = value.detach()
-        if shared:
-            base = replicate(base, self.num_copies)
         if site.weight_noise:
             return self._perturb_weights(site, base, x, shared, keep)
         z = self._noise(site, value.shape[1:], value.device)
         rec = None
+        # A Linear/Conv output that no autograd graph and no other hook holds is ours to
+        # overwrite: adding the noise in place saves one activation-sized buffer per site.
+        owned = (site.closed_form and not shared and not value.requires_grad
+                 and z.dtype == value.dtype and len(site.module._forward_hooks) == 1)
         if not keep:
-            pass
-        elif site.closed_form and isinstance(x, Tensor) and not x.requires_grad:
+            return base.add_(z) if owned else self._add(base, z, shared, consume=True)
+        if site.closed_form and isinstance(x, Tensor) and not x.requires_grad:
             if shared or self._is_tiled(x):
                 # Σ_rows g_r x_r^T = Σ_b (Σ_k g_kb) x_b^T: the weight gradient costs B rows.
                 rec = _Record(site, "closed", z, inputs=x.detach()[: self.batch], tiled=True)
@@ -211,9 +224,10 @@ class _PassRun:
             raise _NeedGradError
         elif site.noise.learnable:
             rec = _Record(site, "noise-only", z)
+        out = base.add_(z) if owned else self._add(base, z, shared, consume=False)
         if rec is not None:
-            self._keep(rec)
-        return base + z.to(value.dtype)
+            self._keep(rec)  # after the sum: in replay this consumes z
+        return out
 
     def _perturb_weights(self, site: _Site, base: Tensor, x: Any, shared: bool,
                          keep: bool) -> Tensor:
@@ -226,7 +240,8 @@ class _PassRun:
         e = self._noise(site, module.weight.shape, x.device)
         eb = (self._noise(site, module.bias.shape, x.device)
               if module.bias is not None else None)
-        out = base + per_example_weight_output(module, x, e, eb).to(base.dtype)
+        extra = per_example_weight_output(module, x, e, eb)
+        out = self._add(base, extra, shared, consume=True)
         if keep:
             self._keep(_Record(site, "weight", e, bias_noise=eb))
         return out
@@ -601,13 +616,13 @@ class LikelihoodRatio:
                     _add(grads, noise.log_scale, g)
             if rec.kind == "noise-only":
                 continue
-            signal = lr_signal(weights, noise.score(rec.noise), rows)
+            # the record's noise is not needed after this: the signal takes its storage
+            signal = noise.signal_(rec.noise, weights, rows)
             if rec.kind == "weight":
                 if id(module.weight) in wanted:
                     _add(grads, module.weight, signal.sum(0))
                 if rec.bias_noise is not None and id(module.bias) in wanted:
-                    _add(grads, module.bias,
-                         lr_signal(weights, noise.score(rec.bias_noise), rows).sum(0))
+                    _add(grads, module.bias, noise.signal_(rec.bias_noise, weights, rows).sum(0))
                 continue
             if rec.tiled:
                 signal = signal.view(run.num_copies, run.batch, *signal.shape[1:]).sum(0)

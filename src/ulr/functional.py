@@ -31,6 +31,7 @@ _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
                 3: torch.nn.grad.conv3d_weight}
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FORWARDS = tuple(t.forward for t in _CONV_TYPES)
+_CONV_BLOCK_BYTES = 32 * 2**20
 
 
 def lr_signal(weights: Tensor, score: Tensor, num_rows: int | None = None) -> Tensor:
@@ -60,6 +61,10 @@ def conv_weight_grad(inputs: Tensor, signal: Tensor, conv: nn.modules.conv._Conv
 
     Handles any stride, dilation, groups, numeric or ``"same"``/``"valid"`` padding and every
     ``padding_mode`` (the input is padded exactly as the module's forward pads it).
+
+    The rows are processed in blocks of about ``_CONV_BLOCK_BYTES``: the backend converts its
+    operands to its own layout, and on all rows at once that workspace is as large as two more
+    activations (measured with oneDNN on CPU), which would dominate ULR's memory.
     """
     nd = len(conv.kernel_size)
     padding = conv.padding
@@ -68,8 +73,15 @@ def conv_weight_grad(inputs: Tensor, signal: Tensor, conv: nn.modules.conv._Conv
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         inputs = F.pad(inputs, pad, mode=mode)
         padding = (0,) * nd
-    return _CONV_WEIGHT[nd](inputs, conv.weight.shape, signal, stride=conv.stride,
-                            padding=padding, dilation=conv.dilation, groups=conv.groups)
+    row_bytes = (inputs[0].numel() + signal[0].numel()) * inputs.element_size()
+    step = max(1, _CONV_BLOCK_BYTES // max(row_bytes, 1))
+    grad = None
+    for start in range(0, inputs.shape[0], step):
+        part = _CONV_WEIGHT[nd](inputs[start:start + step], conv.weight.shape,
+                                signal[start:start + step], stride=conv.stride, padding=padding,
+                                dilation=conv.dilation, groups=conv.groups)
+        grad = part if grad is None else grad.add_(part)
+    return grad
 
 
 def _explicit_padding(conv: nn.modules.conv._ConvNd) -> list[int]:

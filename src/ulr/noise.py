@@ -118,6 +118,10 @@ class Noise:
     def standard_icdf(self, u: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def standard_score_(self, e: Tensor) -> Tensor:
+        """In-place :meth:`standard_score` (subclasses override where an in-place op exists)."""
+        return self.standard_score(e)
+
     # -- public API -----------------------------------------------------------------------------
     def sample(
         self,
@@ -142,6 +146,19 @@ class Noise:
             z = z.float()
         s = self._scale_like(z)
         return self.standard_score(z / s) / s
+
+    def signal_(self, z: Tensor, weights: Tensor, num_rows: int) -> Tensor:
+        """The LR signal ``w·score(z)/num_rows`` (``weights [R]``, ``z [R, *site]``), computed
+        in the storage of ``z`` when the dtypes allow: ``z`` is consumed. Memory matters here:
+        the signal is as large as the site's value, for all ``K·B`` rows."""
+        if z.dtype not in (torch.float32, torch.float64) or weights.dtype != z.dtype:
+            from .functional import lr_signal
+
+            return lr_signal(weights, self.score(z), num_rows)
+        s = self._scale_like(z)
+        e = self.standard_score_(z.div_(s))
+        w = weights.reshape(weights.shape[0], *([1] * (z.dim() - 1))) / num_rows
+        return e.div_(s).mul_(w)
 
     def icdf(self, u: Tensor) -> Tensor:
         """Inverse CDF: maps ``u`` in (0, 1) to noise with this density (scale applied)."""
@@ -205,6 +222,9 @@ class Gaussian(Noise):
     def standard_score(self, e: Tensor) -> Tensor:
         return e
 
+    def standard_score_(self, e: Tensor) -> Tensor:
+        return e
+
     def standard_icdf(self, u: Tensor) -> Tensor:
         return math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
 
@@ -223,6 +243,9 @@ class Laplace(Noise):
 
     def standard_score(self, e: Tensor) -> Tensor:
         return torch.sign(e)
+
+    def standard_score_(self, e: Tensor) -> Tensor:
+        return e.sign_()
 
     def standard_icdf(self, u: Tensor) -> Tensor:
         c = u - 0.5
@@ -243,6 +266,9 @@ class Logistic(Noise):
 
     def standard_score(self, e: Tensor) -> Tensor:
         return torch.tanh(0.5 * e)
+
+    def standard_score_(self, e: Tensor) -> Tensor:
+        return e.mul_(0.5).tanh_()
 
     def standard_icdf(self, u: Tensor) -> Tensor:
         return torch.log(u) - torch.log1p(-u)
