@@ -1,0 +1,431 @@
+"""The ``ulr`` command: ``ulr train``, ``ulr compare`` and ``ulr plot``.
+
+``ulr train`` with no arguments trains the reference MLP on the embedded digits data with the
+likelihood-ratio estimator and with backpropagation, from the same seed, and prints a
+comparison table. Every option of :class:`ulr.config.RunConfig` is a flag and a config-file
+key; see ``docs/cli.md`` and ``ulr train --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import (
+    METHODS,
+    ConfigError,
+    RunConfig,
+    check_values,
+    configs_from_values,
+    field_help,
+    keys,
+    load_toml,
+    parse_value,
+)
+
+__all__ = ["build_parser", "main"]
+
+#: Methods trained when neither the command line nor a config file names one.
+DEFAULT_METHODS = ["ulr", "bp"]
+GROUP_FILE = "group.json"
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30, width=100)
+
+
+def _norm(text: str) -> str:
+    return text.strip().lower().replace("_", "-")
+
+
+def _default_text(name: str, meta: dict[str, Any]) -> str:
+    if name == "method":
+        return " ".join(DEFAULT_METHODS)
+    if meta["default_text"]:
+        return meta["default_text"]
+    default = meta["default"]
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if default == {}:
+        return "none"
+    return str(default)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field, all defaulting to 'not given' so that config files and
+    flags can be layered (defaults < file < flags)."""
+    groups: dict[str, Any] = {}
+    for name in keys():
+        meta = field_help(name)
+        group = groups.get(meta["group"])
+        if group is None:
+            group = groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{meta['help']} (default: {_default_text(name, meta)})"
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if name == "method":
+            kw.update(nargs="+", type=_norm, choices=METHODS, metavar="{ulr,bp}")
+        elif name == "model_args":
+            flag = "--model-arg"
+            kw.update(action="append", metavar="KEY=VALUE")
+        elif name == "sites":
+            kw.update(nargs="+", metavar="NAME")
+        elif meta["type"] is bool:
+            kw.update(action=argparse.BooleanOptionalAction)
+        elif meta["choices"] is not None:
+            kw.update(type=_norm, choices=meta["choices"],
+                      metavar="{" + ",".join(meta["choices"]) + "}")
+        else:
+            kw.update(type=meta["type"], metavar=meta["metavar"] or name.split("_")[-1].upper())
+        group.add_argument(flag, **kw)
+
+
+def _add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", metavar="DIR", help=(
+        f"{what} (default: runs/<timestamp>-<model>-<data>-<method>). Must be new or empty."))
+    group.add_argument("--resume", metavar="DIR", help=(
+        "Continue the run (or the runs of a comparison) in DIR from its last checkpoint, "
+        "bit-identically. Only --epochs, --max-steps, --threads, --diag-every and "
+        "--eval-batch-size may differ from the stored config."))
+    group.add_argument("--quiet", action="store_true",
+                       help="Print only the final table: no progress bar, no epoch lines.")
+    group.add_argument("--no-plots", dest="plots", action="store_false",
+                       help="Do not draw PNG plots after a comparison (saves ~1 s).")
+
+
+_TRAIN_DESCRIPTION = """\
+Train a reference model with the likelihood-ratio estimator (ulr) and/or backpropagation (bp).
+
+With no arguments: the 64-128-10 MLP on the embedded digits data (1295 train / 143 val / 359 test
+images), Adam, batch 32, 30 epochs, ULR with Gaussian noise sigma=0.1, 32 antithetic copies, the
+leave-one-out baseline and the layer-wise plan (lr 3e-3), then the same with backprop (lr 1e-3)
+from the same seed; under 10 s on two CPU cores, ending in a comparison table.
+
+Settings come from the defaults, then --config FILE, then the flags (a flag wins). Each run writes
+a directory: config.toml/json (the resolved config), metrics.jsonl (per step and per epoch),
+checkpoint.pt (every epoch, atomically) and summary.json. Several methods write one sub-directory
+each plus comparison.txt/json and plots. Ctrl-C keeps the last checkpoint: --resume DIR goes on.
+"""
+
+_TRAIN_EPILOG = """\
+examples:
+  ulr train                                     # the demo: ulr vs bp on digits
+  ulr train --method ulr --num-copies 64 --sigma 0.05 --epochs 10
+  ulr train --model lenet5 --recommended --method ulr --diag-every 50
+  ulr train --config run.toml --seed 3          # file values, seed overridden
+  ulr train --data adding --method bp ulr       # regression (MSE)
+  ulr train --resume runs/20250101-120000-mlp-digits-ulr --epochs 60
+"""
+
+_COMPARE_DESCRIPTION = """\
+Run several methods or configs on the same model, data and seed; print a table (final and best
+accuracy, time, forward passes and rows, peak memory) and write PNG plots (accuracy per epoch,
+accuracy against wall time, training loss, and per-layer gradient cosine with backprop when
+--diag-every is on) into the output directory.
+
+Without CONFIG files the runs are the --method list (default: ulr bp). With CONFIG files, each
+file is one run (or one per method it lists); the flags given here override every file.
+"""
+
+_COMPARE_EPILOG = """\
+examples:
+  ulr compare --method ulr bp --model mlp --data digits --diag-every 20
+  ulr compare small.toml large.toml --epochs 10 --out runs/copies
+"""
+
+_PLOT_DESCRIPTION = """\
+Redraw the comparison plots (and print the table) from run directories written by ulr train or
+ulr compare. A comparison directory stands for all the runs in it.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``ulr`` command (sub-commands train, compare, plot)."""
+    parser = argparse.ArgumentParser(
+        prog="ulr", formatter_class=_Formatter,
+        description="Train networks without backpropagation by the likelihood-ratio method.",
+        epilog="Run 'ulr train' for the demo, 'ulr COMMAND --help' for the options.")
+    parser.add_argument("--version", action="version", version=f"ulr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train one model (default: ulr vs bp on digits)",
+                           description=_TRAIN_DESCRIPTION, epilog=_TRAIN_EPILOG,
+                           formatter_class=_Formatter)
+    train.add_argument("--config", metavar="FILE", help=(
+        "TOML file of run options (keys as the flags, with underscores; see docs/cli.md). "
+        "Flags override it. A run directory's config.toml reruns that run."))
+    _add_output_options(train, "Run directory; with several methods, the directory that holds "
+                               "one sub-directory per method")
+    _add_run_options(train)
+
+    compare = sub.add_parser("compare", help="compare methods or config files side by side",
+                             description=_COMPARE_DESCRIPTION, epilog=_COMPARE_EPILOG,
+                             formatter_class=_Formatter)
+    compare.add_argument("configs", nargs="*", metavar="CONFIG",
+                         help="TOML config files, one run each (or one per listed method)")
+    _add_output_options(compare, "Comparison directory, one sub-directory per run")
+    _add_run_options(compare)
+
+    plot = sub.add_parser("plot", help="redraw plots from run directories",
+                          description=_PLOT_DESCRIPTION, formatter_class=_Formatter)
+    plot.add_argument("runs", nargs="+", metavar="RUN",
+                      help="run directories, or comparison directories holding runs")
+    plot.add_argument("--out", metavar="DIR",
+                      help="where the PNGs go (default: the first RUN directory)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Planned:
+    label: str
+    config: RunConfig
+    dir: Path
+    resume: bool = False
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The run options given on the command line, checked like config-file values."""
+    given = {k: v for k, v in vars(args).items() if k in keys() and k != "model_args"}
+    values = check_values(given, "command line")
+    if getattr(args, "model_args", None):
+        model_args = {}
+        for item in args.model_args:
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"command line: --model-arg needs KEY=VALUE, got {item!r}, "
+                                  f"e.g. --model-arg 'hidden=[256,128]'")
+            model_args[key.strip()] = parse_value(text.strip())
+        values["model_args"] = check_values({"model_args": model_args},
+                                            "command line")["model_args"]
+    return values
+
+
+def _layer(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = {**base, **top}
+    if "model_args" in base and "model_args" in top:
+        merged["model_args"] = {**base["model_args"], **top["model_args"]}
+    return merged
+
+
+def _new_dir(parts: Sequence[str]) -> Path:
+    stem = "-".join([time.strftime("%Y%m%d-%H%M%S"), *parts])
+    path, n = Path("runs") / stem, 2
+    while path.exists():
+        path, n = Path("runs") / f"{stem}-{n}", n + 1
+    return path
+
+
+def _check_fresh(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"output directory {path} already exists and is not empty; choose "
+                          f"another --out, or continue it with --resume {path}")
+
+
+def _unique(labels: list[str]) -> list[str]:
+    out: list[str] = []
+    for label in labels:
+        name, n = label, 2
+        while name in out:
+            name, n = f"{label}-{n}", n + 1
+        out.append(name)
+    return out
+
+
+def _plan_group(group: Path, labels: list[str], configs: list[RunConfig],
+                command: str) -> list[_Planned]:
+    _check_fresh(group)
+    group.mkdir(parents=True, exist_ok=True)
+    planned = [_Planned(lbl, cfg, group / lbl) for lbl, cfg in zip(labels, configs)]
+    meta = {"command": command, "ulr": __version__,
+            "runs": [{"label": p.label, "dir": p.label, "config": p.config.to_dict()}
+                     for p in planned]}
+    (group / GROUP_FILE).write_text(json.dumps(meta, indent=2))
+    return planned
+
+
+def _plan_resume(path: Path, overrides: dict[str, Any]) -> tuple[list[_Planned], Path | None]:
+    from .train import CHECKPOINT, CONFIG_JSON, resume_config
+
+    if "method" in overrides:
+        raise ConfigError("--method cannot change on --resume; start a new run for another "
+                          "method")
+    if (path / CONFIG_JSON).is_file() or (path / CHECKPOINT).is_file():
+        config = resume_config(path, overrides)
+        return [_Planned(config.method, config, path, resume=True)], None
+    group_file = path / GROUP_FILE
+    if not group_file.is_file():
+        raise ConfigError(f"cannot resume {path}: it is neither a run directory (config.json, "
+                          f"checkpoint.pt) nor a comparison directory ({GROUP_FILE})")
+    try:
+        runs = json.loads(group_file.read_text())["runs"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot resume {path}: {group_file} is unreadable ({e})") from None
+    planned = []
+    for run in runs:
+        sub = path / run["dir"]
+        if (sub / CONFIG_JSON).is_file():
+            planned.append(_Planned(run["label"], resume_config(sub, overrides), sub, True))
+        else:  # interrupted before this run began
+            config = RunConfig.from_dict(run["config"], source=str(group_file))
+            planned.append(_Planned(run["label"], config.replace(**overrides), sub))
+    return planned, path
+
+
+def _execute(planned: list[_Planned], group: Path | None, *, quiet: bool,
+             plots: bool) -> int:
+    from .train import ConsoleProgress, TrainingInterrupted, fit, format_table
+
+    summaries = []
+    try:
+        for p in planned:
+            progress = ConsoleProgress(p.label, quiet=quiet)
+            summaries.append(fit(p.config, p.dir, resume=p.resume, callbacks=[progress],
+                                 label=p.label))
+    except Exception:
+        if group is not None and not summaries:
+            _remove_if_unused(group)
+        raise
+    except TrainingInterrupted as e:
+        where = group if group is not None else e.run_dir
+        current = planned[len(summaries)].label
+        print(f"\ninterrupted: {where} keeps the last checkpoint (run {current!r} after epoch "
+              f"{e.epoch}, step {e.step}); continue with: ulr train --resume {where}",
+              file=sys.stderr)
+        return 130
+    table = format_table(summaries)
+    print()
+    print(table)
+    if group is not None:
+        (group / "comparison.txt").write_text(table + "\n")
+        (group / "comparison.json").write_text(json.dumps(summaries, indent=2))
+        print(f"\nruns: {group}/{{{','.join(p.label for p in planned)}}}")
+        if plots:
+            from .plots import load_run, plot_runs
+
+            written = plot_runs([load_run(p.dir, p.label) for p in planned], group)
+            print(f"plots: {', '.join(str(w) for w in written)}")
+    else:
+        print(f"\nrun directory: {planned[0].dir}")
+    return 0
+
+
+def _remove_if_unused(group: Path) -> None:
+    """Remove a comparison directory whose first run failed before writing anything, so that
+    the same --out can be used again after fixing the options."""
+    entries = list(group.iterdir())
+    if all(e.name == GROUP_FILE or (e.is_dir() and not any(e.iterdir())) for e in entries):
+        for e in entries:
+            e.unlink() if e.is_file() else e.rmdir()
+        group.rmdir()
+
+
+def _train(args: argparse.Namespace) -> int:
+    flags = _flag_values(args)
+    file_values = load_toml(args.config) if args.config else {}
+    if args.resume:
+        planned, group = _plan_resume(Path(args.resume), _layer(file_values, flags))
+        return _execute(planned, group, quiet=args.quiet, plots=args.plots)
+    values = _layer({"method": DEFAULT_METHODS, **file_values}, flags)
+    configs = configs_from_values(values, args.config or "command line")
+    first = configs[0]
+    methods = [c.method for c in configs]
+    out = Path(args.out) if args.out else _new_dir([first.model, first.data, *methods])
+    if len(configs) == 1:
+        _check_fresh(out)
+        return _execute([_Planned(first.method, first, out)], None, quiet=args.quiet,
+                        plots=args.plots)
+    planned = _plan_group(out, methods, configs, "train")
+    return _execute(planned, out, quiet=args.quiet, plots=args.plots)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    flags = _flag_values(args)
+    if args.resume:
+        planned, group = _plan_resume(Path(args.resume), flags)
+        return _execute(planned, group or Path(args.resume), quiet=args.quiet,
+                        plots=args.plots)
+    labels: list[str] = []
+    configs: list[RunConfig] = []
+    if args.configs:
+        for path in args.configs:
+            runs = configs_from_values(_layer({"method": DEFAULT_METHODS[:1],
+                                               **load_toml(path)}, flags), path)
+            stem = Path(path).stem
+            labels += [f"{stem}-{c.method}" if len(runs) > 1 else stem for c in runs]
+            configs += runs
+    else:
+        configs = configs_from_values(_layer({"method": DEFAULT_METHODS}, flags))
+        labels = [c.method for c in configs]
+    labels = _unique(labels)
+    same = {(c.model, c.data, c.seed) for c in configs}
+    if len(same) > 1:
+        print(f"note: the runs differ in (model, data, seed): {sorted(same)}", file=sys.stderr)
+    first = configs[0]
+    parts = ["compare", first.model, first.data] if len(same) == 1 else ["compare"]
+    out = Path(args.out) if args.out else _new_dir(parts)
+    planned = _plan_group(out, labels, configs, "compare")
+    return _execute(planned, out, quiet=args.quiet, plots=args.plots)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plots import expand_run_dirs, load_run, plot_runs
+    from .train import format_table
+
+    dirs = expand_run_dirs(args.runs)
+    runs = [load_run(d) for d in dirs]
+    labels = [r.label for r in runs]
+    if len(set(labels)) < len(labels):
+        for r in runs:
+            r.label = f"{r.path.parent.name}/{r.path.name}"
+    out = Path(args.out) if args.out else Path(args.runs[0])
+    written = plot_runs(runs, out)
+    done = [dict(r.summary, label=r.label) for r in runs if r.summary is not None]
+    if done:
+        print(format_table(done))
+    unfinished = [r.label for r in runs if r.summary is None]
+    if unfinished:
+        print(f"(no summary yet, plotted only: {', '.join(unfinished)})")
+    print(f"plots: {', '.join(str(w) for w in written)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``ulr`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    Errors in options, config files, checkpoints and data are reported in one line on stderr
+    with exit code 2 (set ``ULR_TRACEBACK=1`` for the traceback); Ctrl-C exits with 130.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    command = {"train": _train, "compare": _compare, "plot": _plot}[args.command]
+    from .train import CheckpointError
+
+    try:
+        return command(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ImportError, ValueError,
+            TypeError) as e:
+        if os.environ.get("ULR_TRACEBACK"):
+            raise
+        print(f"ulr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nulr {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,498 @@
+"""The run configuration of ``ulr train`` / :func:`ulr.train.fit`, and its TOML files.
+
+One :class:`RunConfig` describes one training run completely: model, data, method, estimator,
+optimiser, schedule, budget, seed and device. Every field is also a key of a config file and a
+``--flag`` of ``ulr train`` (underscores become dashes); the field metadata below is the single
+source of the help texts, the choices and the checks of both.
+
+A config file is flat TOML; ``method`` may list several methods, each becoming one run, and the
+``[model_args]`` table passes extra keyword arguments to the model constructor::
+
+    model = "mlp"
+    data = "digits"
+    method = ["ulr", "bp"]
+    num_copies = 32
+    sigma = 0.1
+    lr = 3e-3
+
+    [model_args]
+    hidden = [256, 128]
+
+Example:
+    >>> from ulr.config import RunConfig, configs_from_values
+    >>> [c.method for c in configs_from_values({"method": ["ulr", "bp"], "epochs": 2})]
+    ['ulr', 'bp']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` backport
+    try:
+        import tomli as tomllib  # type: ignore[no-redef]
+    except ModuleNotFoundError:
+        tomllib = None  # type: ignore[assignment]
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "METHODS",
+    "DEFAULT_LR",
+    "check_values",
+    "configs_from_values",
+    "field_help",
+    "keys",
+    "load_toml",
+    "parse_value",
+    "to_toml",
+]
+
+METHODS = ("ulr", "bp")
+#: Learning rate of each method when ``lr`` is not set (the verified digits/MLP setting).
+DEFAULT_LR = {"ulr": 3e-3, "bp": 1e-3}
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid; the message names the key and the valid values."""
+
+
+def _models() -> list[str]:
+    from .models import available
+
+    return available()
+
+
+def _datasets() -> list[str]:
+    from .data import available
+
+    return available()
+
+
+def _meta(
+    group: str,
+    help: str,
+    *,
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+    check: Callable[[Any], bool] | None = None,
+    rule: str = "",
+    metavar: str | None = None,
+    default_text: str | None = None,
+) -> dict[str, Any]:
+    return {"group": group, "help": help, "choices": choices, "check": check, "rule": rule,
+            "metavar": metavar, "default_text": default_text}
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _at_least(n: int) -> Callable[[float], bool]:
+    return lambda v: v >= n
+
+
+def _fraction(v: float) -> bool:
+    return 0 <= v < 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one training run (see the module docstring for the file format).
+
+    ``None`` means "not set": ``lr`` then takes the method's default (:data:`DEFAULT_LR`),
+    ``max_steps`` no limit, ``grad_clip`` no clipping, ``sites`` every module that owns a
+    parameter.
+    """
+
+    # -- model and data -------------------------------------------------------------------------
+    model: str = field(default="mlp", metadata=_meta(
+        "model and data",
+        "Network from the ulr.models registry. mlp is 64-128-10 on digits; the CNNs need "
+        "square image data.", choices=_models))
+    model_args: dict[str, Any] = field(default_factory=dict, metadata=_meta(
+        "model and data",
+        "Extra keyword argument of the model constructor, as KEY=VALUE with a TOML value, e.g. "
+        "hidden=[256,128] or activation=\"tanh\"; repeat the flag for several. In a config "
+        "file: a [model_args] table.", metavar="KEY=VALUE"))
+    data: str = field(default="digits", metadata=_meta(
+        "model and data",
+        "Dataset from the ulr.data registry. digits is embedded (no download); adding is a "
+        "regression task (MSE loss, reported as loss instead of accuracy).", choices=_datasets))
+    data_dir: str | None = field(default=None, metadata=_meta(
+        "model and data",
+        "Directory of file-based datasets (fashion-mnist).", metavar="DIR",
+        default_text="the loader's search path"))
+    val_fraction: float = field(default=0.1, metadata=_meta(
+        "model and data",
+        "Share of the non-test data held out for validation (model selection: 'best val').",
+        check=_fraction, rule="in [0, 1)"))
+
+    # -- method and estimator ------------------------------------------------------------------
+    method: str = field(default="ulr", metadata=_meta(
+        "method and estimator",
+        "ulr: likelihood-ratio gradients from noisy forward passes only; bp: ordinary "
+        "backpropagation. Several methods train one after another from the same seed (same "
+        "initial weights and data order) and are compared in a table.", choices=METHODS))
+    num_copies: int = field(default=32, metadata=_meta(
+        "method and estimator",
+        "Noise copies K per example and pass. Variance falls like 1/K and cost rises like K; "
+        "raise it for wide layers or when the gradient cosine (--diag-every) is low. Even with "
+        "the antithetic sampler.", check=_at_least(1), rule=">= 1"))
+    noise: str = field(default="gaussian", metadata=_meta(
+        "method and estimator",
+        "Noise density at each site. laplace gives a 1-bit score (sign); logistic a bounded "
+        "one.", choices=("gaussian", "laplace", "logistic")))
+    sigma: float = field(default=0.1, metadata=_meta(
+        "method and estimator",
+        "Noise scale: the standard deviation for gaussian, the scale b / s for laplace / "
+        "logistic. Smaller is less biased but noisier; the useful range is about 0.01-0.1.",
+        check=_positive, rule="> 0"))
+    sampler: str = field(default="antithetic", metadata=_meta(
+        "method and estimator",
+        "How the K copies are drawn: antithetic pairs (z, -z) cancel the zeroth-order term "
+        "(usually far lower variance); iid is the plain Monte Carlo estimator.",
+        choices=("antithetic", "iid")))
+    baseline: str = field(default="leave-one-out", metadata=_meta(
+        "method and estimator",
+        "Control variate subtracted from each copy's loss: leave-one-out (mean of the other "
+        "copies, free), clean (noise-free loss, one extra forward of B rows), running-average "
+        "(moving average over steps), none.",
+        choices=("leave-one-out", "clean", "running-average", "none")))
+    baseline_decay: float = field(default=0.9, metadata=_meta(
+        "method and estimator", "Decay of the running-average baseline.",
+        check=_fraction, rule="in [0, 1)"))
+    plan: str = field(default="layerwise", metadata=_meta(
+        "method and estimator",
+        "layerwise: one perturbed pass per layer (less variance per layer, L passes); "
+        "all-sites: one pass with noise everywhere (cheapest, noisier).",
+        choices=("layerwise", "all-sites")))
+    sites: list[str] | None = field(default=None, metadata=_meta(
+        "method and estimator",
+        "Module names (wildcards allowed) whose outputs get noise; default: every module that "
+        "owns a parameter (pure ULR). Naming only block outputs gives backprop inside blocks.",
+        metavar="NAME", default_text="every module that owns a parameter"))
+    recommended: bool = field(default=False, metadata=_meta(
+        "method and estimator",
+        "Use the model's recommended per-layer sigma and (with the layerwise plan) per-layer "
+        "copy counts instead of --sigma/--num-copies."))
+
+    # -- optimisation ----------------------------------------------------------------------------
+    optimizer: str = field(default="adam", metadata=_meta(
+        "optimisation", "torch.optim optimizer fed with the estimated gradients.",
+        choices=("adam", "adamw", "sgd")))
+    lr: float | None = field(default=None, metadata=_meta(
+        "optimisation", "Learning rate (the defaults suit Adam on digits).",
+        check=_positive, rule="> 0", default_text="3e-3 for ulr, 1e-3 for bp"))
+    momentum: float = field(default=0.9, metadata=_meta(
+        "optimisation", "SGD momentum (sgd only).", check=_at_least(0), rule=">= 0"))
+    weight_decay: float = field(default=0.0, metadata=_meta(
+        "optimisation",
+        "Weight decay (decoupled for adamw, which equals adam without it; try 0.01).",
+        check=_at_least(0), rule=">= 0"))
+    schedule: str = field(default="none", metadata=_meta(
+        "optimisation",
+        "Learning-rate schedule, stepped once per epoch: step multiplies by --gamma every "
+        "--step-size epochs; cosine anneals to 0 over --epochs.",
+        choices=("none", "step", "cosine")))
+    step_size: int = field(default=10, metadata=_meta(
+        "optimisation", "Epochs between decays of the step schedule.",
+        check=_at_least(1), rule=">= 1"))
+    gamma: float = field(default=0.1, metadata=_meta(
+        "optimisation", "Decay factor of the step schedule.", check=_positive, rule="> 0"))
+    grad_clip: float | None = field(default=None, metadata=_meta(
+        "optimisation", "Clip the global gradient norm to this value.",
+        check=_positive, rule="> 0", default_text="no clipping"))
+    batch_size: int = field(default=32, metadata=_meta(
+        "optimisation", "Training examples per step (each ULR pass runs K times as many rows).",
+        check=_at_least(1), rule=">= 1"))
+    epochs: int = field(default=30, metadata=_meta(
+        "optimisation", "Passes over the training set.", check=_at_least(1), rule=">= 1"))
+    max_steps: int | None = field(default=None, metadata=_meta(
+        "optimisation",
+        "Stop after this many optimizer steps in total (smoke tests); the run still evaluates "
+        "and writes a resumable checkpoint.", check=_at_least(1), rule=">= 1",
+        default_text="no limit"))
+
+    # -- run -------------------------------------------------------------------------------------
+    seed: int = field(default=0, metadata=_meta(
+        "run",
+        "Seeds the train/val split, the initial weights, the data order and the noise (each "
+        "from its own stream); the same seed and config give identical metrics.",
+        check=_at_least(0), rule=">= 0"))
+    device: str = field(default="auto", metadata=_meta(
+        "run", "cpu, cuda, or auto (cuda when available).", choices=("auto", "cpu", "cuda")))
+    threads: int = field(default=1, metadata=_meta(
+        "run",
+        "CPU threads of the run (torch.set_num_threads, restored afterwards); 0 keeps torch's "
+        "default (all cores). One thread is fastest for the small reference models and robust "
+        "on shared machines, where multi-threaded runs can slow down many times over; raise "
+        "it for the CNNs on a dedicated machine. Results are bit-identical only for the same "
+        "thread count.", check=_at_least(0), rule=">= 0"))
+    eval_batch_size: int = field(default=1024, metadata=_meta(
+        "run", "Examples per evaluation batch (memory only; results do not depend on it).",
+        check=_at_least(1), rule=">= 1"))
+    diag_every: int = field(default=0, metadata=_meta(
+        "run",
+        "Every N steps, log the per-layer cosine and norm ratio of the ULR gradient against "
+        "the backprop gradient of the same batch (one extra forward+backward; training is "
+        "unaffected).", check=_at_least(0), rule=">= 0", default_text="0, off"))
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name), "RunConfig"))
+        if self.method == "ulr" and self.sampler == "antithetic" and self.num_copies % 2:
+            raise ConfigError(
+                f"num_copies={self.num_copies} with the antithetic sampler: antithetic pairs "
+                f"need an even count; use num_copies={self.num_copies + 1} or sampler='iid'"
+            )
+
+    @property
+    def resolved_lr(self) -> float:
+        """``lr``, or the method's default learning rate when it is not set."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/TOML-able dict of every field (``None`` for unset fields)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> RunConfig:
+        """Build from a dict such as :meth:`to_dict` returns; unknown keys are an error."""
+        _check_keys(values, source)
+        values = {_key(k): v for k, v in values.items()}
+        if isinstance(values.get("method"), list):
+            raise ConfigError(f"{source}: a single run needs one method, got {values['method']}")
+        return cls(**{k: _check(k, v, source) for k, v in values.items()})
+
+
+_FIELDS = {f.name: f for f in fields(RunConfig)}
+_TYPES = {
+    "model": str, "model_args": dict, "data": str, "data_dir": str, "val_fraction": float,
+    "method": str, "num_copies": int, "noise": str, "sigma": float, "sampler": str,
+    "baseline": str, "baseline_decay": float, "plan": str, "sites": list, "recommended": bool,
+    "optimizer": str, "lr": float, "momentum": float, "weight_decay": float, "schedule": str,
+    "step_size": int, "gamma": float, "grad_clip": float, "batch_size": int, "epochs": int,
+    "max_steps": int, "seed": int, "device": str, "threads": int, "eval_batch_size": int,
+    "diag_every": int,
+}
+assert set(_TYPES) == set(_FIELDS), "every RunConfig field needs a type in _TYPES"
+_OPTIONAL = {n for n, f in _FIELDS.items() if f.default is None}
+
+
+def keys() -> list[str]:
+    """The keys a config file accepts, in field order."""
+    return list(_FIELDS)
+
+
+def field_help(name: str) -> dict[str, Any]:
+    """Metadata of one field: group, help, choices (resolved), rule, metavar, default_text,
+    default, type."""
+    f = _FIELDS[name]
+    meta = dict(f.metadata)
+    if callable(meta["choices"]):
+        meta["choices"] = list(meta["choices"]())
+    meta["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    meta["type"] = _TYPES[name]
+    return meta
+
+
+def _key(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _check_keys(values: Mapping[str, Any], source: str) -> None:
+    for raw in values:
+        if _key(raw) not in _FIELDS:
+            close = difflib.get_close_matches(_key(raw), list(_FIELDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{source}: unknown key {raw!r}{hint}; valid keys: {', '.join(_FIELDS)}"
+            )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check(name: str, value: Any, source: str) -> Any:
+    """Validate and normalise one value (``method`` lists are handled by the caller)."""
+    meta = _FIELDS[name].metadata
+    kind = _TYPES[name]
+    where = f"{source}: {name}"
+    if value is None:
+        if name in _OPTIONAL:
+            return None
+        raise ConfigError(f"{where} may not be empty")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is list and isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{where} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{where} must be finite, got {value!r}")
+    choices = meta["choices"]
+    if choices is not None:
+        valid = list(choices() if callable(choices) else choices)
+        norm = value.strip().lower().replace("_", "-")
+        if norm not in valid:
+            close = difflib.get_close_matches(norm, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown value {value!r}{hint}; valid: {', '.join(valid)}")
+        value = norm
+    if meta["check"] is not None and not meta["check"](value):
+        raise ConfigError(f"{where} must be {meta['rule']}, got {value!r}")
+    if name == "sites" and not (value and all(isinstance(s, str) and s for s in value)):
+        raise ConfigError(f"{where} must be a non-empty list of module names, got {value!r}")
+    if name == "model_args":
+        bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
+        if bad:
+            raise ConfigError(f"{where}: keys must be argument names, got {bad}")
+        value = {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def check_values(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Validate a partial mapping of config values (a file, or command-line overrides).
+
+    ``method`` may be a string or a list of methods. Keys may use dashes or underscores.
+
+    Returns:
+        The values with snake_case keys, normalised choices (lower case, dashes) and floats.
+
+    Raises:
+        ConfigError: an unknown key (the message lists the valid ones) or an invalid value.
+    """
+    _check_keys(values, source)
+    out: dict[str, Any] = {}
+    for raw, value in values.items():
+        key = _key(raw)
+        if key == "method" and isinstance(value, (list, tuple)):
+            if not value:
+                raise ConfigError(f"{source}: method needs at least one of {', '.join(METHODS)}")
+            methods = [_check("method", m, source) for m in value]
+            dup = sorted({m for m in methods if methods.count(m) > 1})
+            if dup:
+                raise ConfigError(f"{source}: method lists {dup} more than once")
+            out[key] = methods
+        else:
+            out[key] = _check(key, value, source)
+    return out
+
+
+def configs_from_values(values: Mapping[str, Any], source: str = "config") -> list[RunConfig]:
+    """One :class:`RunConfig` per method from a mapping of (partial) config values.
+
+    Args:
+        values: keys of :class:`RunConfig`; ``method`` may be a list; missing keys take the
+            defaults.
+        source: where the values come from, for error messages.
+
+    Returns:
+        The runs, in the order of ``method``.
+    """
+    values = check_values(values, source)
+    methods = values.pop("method", RunConfig.method)
+    if isinstance(methods, str):
+        methods = [methods]
+    try:
+        return [RunConfig(**values, method=m) for m in methods]
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read and validate a TOML config file.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its values, checked by :func:`check_values` (``method`` may be a list).
+
+    Raises:
+        ConfigError: a missing file, a TOML syntax error, an unknown key or a bad value.
+    """
+    path = Path(path)
+    if tomllib is None:
+        raise ConfigError(
+            "reading TOML on Python 3.10 needs the tomli package: "
+            "pip install -c constraints/cpu.txt 'ulr[train]' (or pip install tomli)"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for key, value in values.items():
+        if isinstance(value, dict) and _key(key) != "model_args":
+            raise ConfigError(
+                f"{path}: unexpected table [{key}]; config files are flat apart from "
+                f"[model_args]; valid keys: {', '.join(_FIELDS)}"
+            )
+    return check_values(values, str(path))
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value as TOML (``3``, ``[256, 128]``, ``"tanh"``); bare words are
+    strings (``tanh``)."""
+    if tomllib is not None:
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            pass
+    return text
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(config: RunConfig, header: str = "") -> str:
+    """The config as a TOML file that :func:`load_toml` reads back to the same config.
+
+    Unset (``None``) fields are written as comments.
+    """
+    lines = [f"# {line}" for line in header.splitlines()]
+    values = config.to_dict()
+    model_args = values.pop("model_args")
+    for key, value in values.items():
+        lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
+    lines.append("")
+    lines.append("[model_args]")
+    lines.extend(f"{k} = {_toml_value(v)}" for k, v in model_args.items())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,229 @@
+"""Plots of run directories (written by :func:`ulr.train.fit`) as PNG files.
+
+* ``accuracy_vs_epoch.png`` — test (solid) and validation (dotted) accuracy per epoch; for
+  regression runs the MSE, on a log scale.
+* ``accuracy_vs_time.png`` — test accuracy (or MSE) against wall-clock time of the run.
+* ``loss_vs_epoch.png`` — mean training loss per epoch (noisy rows for ULR), log scale.
+* ``cosine.png`` — only when a run logged gradient diagnostics (``--diag-every``): per-layer
+  cosine similarity of the ULR gradient with the backprop gradient over the steps (top row)
+  and the norm ratio ``|g_ulr| / |g_bp|`` (bottom row), one column per run.
+
+Drawing uses matplotlib's Agg canvas directly, never ``pyplot``, so it does not change the
+caller's backend or open windows.
+
+Example:
+    >>> from ulr.plots import load_run, plot_runs
+    >>> runs = [load_run("runs/a/ulr"), load_run("runs/a/bp")]      # doctest: +SKIP
+    >>> plot_runs(runs, "runs/a")                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Run", "expand_run_dirs", "load_run", "plot_runs"]
+
+
+@dataclass
+class Run:
+    """The records of one run directory.
+
+    Attributes:
+        label: name in legends (the run's label, else the directory name).
+        path: the run directory.
+        config: the resolved config (``config.json``), or ``{}``.
+        summary: ``summary.json`` if the run finished, else ``None``.
+        epochs: the ``kind == "epoch"`` rows of ``metrics.jsonl``, in order.
+        diags: the ``kind == "diag"`` rows.
+    """
+
+    label: str
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] | None = None
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    diags: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def regression(self) -> bool:
+        if self.summary is not None:
+            return self.summary.get("task") == "regression"
+        return bool(self.epochs) and self.epochs[-1].get("test_acc") is None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_run(path: str | Path, label: str | None = None) -> Run:
+    """Read a run directory.
+
+    Raises:
+        FileNotFoundError: ``path`` has no ``metrics.jsonl``.
+    """
+    path = Path(path)
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{path} is not a run directory: it has no metrics.jsonl "
+                                f"(run directories are written by ulr train)")
+    run = Run(label or "", path, _read_json(path / "config.json") or {},
+              _read_json(path / "summary.json"))
+    start_label = None
+    for line in metrics.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        kind = row.get("kind")
+        if kind == "epoch":
+            run.epochs.append(row)
+        elif kind == "diag":
+            run.diags.append(row)
+        elif kind == "start" and start_label is None:
+            start_label = row.get("label")
+    if not run.label:
+        run.label = (run.summary or {}).get("label") or start_label or path.name
+    return run
+
+
+def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run directories among ``paths``; a directory of runs (as ``ulr compare`` writes) stands
+    for the runs in it, in ``group.json`` order when present.
+
+    Raises:
+        FileNotFoundError: a path that neither is nor contains a run directory.
+    """
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "metrics.jsonl").is_file():
+            found.append(p)
+            continue
+        group = _read_json(p / "group.json")
+        if group is not None:
+            subs = [p / r["dir"] for r in group.get("runs", [])]
+        else:
+            subs = sorted(d for d in p.iterdir() if d.is_dir()) if p.is_dir() else []
+        subs = [d for d in subs if (d / "metrics.jsonl").is_file()]
+        if not subs:
+            raise FileNotFoundError(f"{p} is neither a run directory (with metrics.jsonl) nor "
+                                    f"a directory of runs")
+        found.extend(subs)
+    return found
+
+
+def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 4.2) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _metric(run: Run, split: str) -> tuple[str, float]:
+    """Key and plotting factor of a run's headline metric on ``split``."""
+    return (f"{split}_loss", 1.0) if run.regression else (f"{split}_acc", 100.0)
+
+
+def _series(rows: list[dict[str, Any]], x: str, y: str, scale: float) -> tuple[list, list]:
+    pts = [(r[x], r[y] * scale) for r in rows if r.get(y) is not None and r.get(x) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
+    """Draw the comparison plots of ``runs`` into ``out_dir`` (created if needed).
+
+    Returns:
+        The PNG files written (``cosine.png`` only if some run has diagnostics).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    regression = bool(runs) and all(r.regression for r in runs)
+    ylabel = "MSE" if regression else "accuracy (%)"
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    written = []
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    for run, c in zip(runs, colors):
+        for split, style in (("test", "-"), ("val", ":")):
+            key, scale = _metric(run, split)
+            xs, ys = _series(run.epochs, "epoch", key, scale)
+            if xs:
+                ax.plot(xs, ys, style, color=c, marker="." if len(xs) < 40 else None,
+                        label=f"{run.label} {split}")
+    ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel.split(' ')[0]} per epoch "
+           f"(solid: test, dotted: validation)")
+    if regression:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    written.append(_save(fig, out / "accuracy_vs_epoch.png"))
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    for run, c in zip(runs, colors):
+        key, scale = _metric(run, "test")
+        xs, ys = _series(run.epochs, "wall_time_s", key, scale)
+        if xs:
+            ax.plot(xs, ys, "-", color=c, marker="." if len(xs) < 40 else None, label=run.label)
+    ax.set(xlabel="wall time (s)", ylabel=f"test {ylabel}",
+           title=f"test {ylabel.split(' ')[0]} against wall-clock time")
+    if regression:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    written.append(_save(fig, out / "accuracy_vs_time.png"))
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    for run, c in zip(runs, colors):
+        xs, ys = _series(run.epochs, "epoch", "train_loss", 1.0)
+        if xs:
+            ax.plot(xs, ys, "-", color=c, label=run.label)
+    ax.set(xlabel="epoch", ylabel="training loss",
+           title="mean training loss per epoch (ULR: noisy rows)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    written.append(_save(fig, out / "loss_vs_epoch.png"))
+
+    with_diag = [r for r in runs if r.diags]
+    if with_diag:
+        fig = _figure(ncols=len(with_diag), nrows=2, height=3.4)
+        axes = fig.subplots(2, len(with_diag), squeeze=False, sharex="col")
+        for j, run in enumerate(with_diag):
+            layers = list(dict.fromkeys(k for d in run.diags for k in d.get("cosine", {})))
+            steps = [d["step"] for d in run.diags]
+            for i, (key, title) in enumerate((("cosine", "cosine with backprop"),
+                                              ("norm_ratio", "norm ratio |ulr| / |bp|"))):
+                ax = axes[i][j]
+                for k, layer in enumerate(layers):
+                    pts = [(s, d[key].get(layer)) for s, d in zip(steps, run.diags)
+                           if d.get(key, {}).get(layer) is not None]
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{k % 10}",
+                                marker="." if len(pts) < 40 else None, label=layer)
+                if key == "cosine":
+                    ax.set_ylim(-1.05, 1.05)
+                    ax.axhline(0, color="grey", lw=0.6)
+                else:
+                    ax.set_yscale("log")
+                    ax.axhline(1, color="grey", lw=0.6)
+                ax.set(title=f"{run.label}: {title}", xlabel="step" if i == 1 else None)
+                ax.grid(alpha=0.3)
+            axes[0][j].legend(fontsize="small")
+        written.append(_save(fig, out / "cosine.png"))
+    return written

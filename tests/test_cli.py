@@ -1,0 +1,205 @@
+"""The `ulr` command, run in-process through ulr.cli.main (one subprocess test of -m ulr)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ulr.cli import main
+from ulr.config import keys
+
+FAST = ["--threads", "1", "--device", "cpu", "--quiet", "--batch-size", "128",
+        "--num-copies", "8"]
+
+
+def config_of(run_dir):
+    return json.loads((run_dir / "config.json").read_text())
+
+
+def snapshot(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for key in keys():
+        flag = "--model-arg" if key == "model_args" else "--" + key.replace("_", "-")
+        assert flag in out, flag
+    for text in ("--config", "--resume", "--out", "--quiet", "(default: ulr bp)",
+                 "(default: 32)", "3e-3 for ulr", "lenet5"):
+        assert text in out
+
+
+def test_python_m_ulr_train_help():
+    proc = subprocess.run([sys.executable, "-m", "ulr", "train", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--num-copies" in proc.stdout
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "resnet50"], ["invalid choice: 'resnet50'", "lenet5", "mlp", "vgg8"]),
+    (["--data", "cifar10"], ["invalid choice", "digits", "fashion-mnist"]),
+    (["--noise", "cauchy"], ["invalid choice", "gaussian", "laplace"]),
+    (["--method", "es"], ["invalid choice", "ulr", "bp"]),
+])
+def test_unknown_names_list_the_valid_ones(capsys, args, words):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+
+
+def test_default_train_is_the_verified_ulr_vs_bp_setting(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["train", "--max-steps", "2", "--threads", "1", "--quiet", "--no-plots",
+                 "--out", str(out)]) == 0
+    ulr, bp = config_of(out / "ulr"), config_of(out / "bp")
+    assert (ulr["model"], ulr["data"], ulr["num_copies"], ulr["sigma"], ulr["sampler"],
+            ulr["baseline"], ulr["plan"], ulr["optimizer"], ulr["lr"], ulr["batch_size"],
+            ulr["epochs"]) == ("mlp", "digits", 32, 0.1, "antithetic", "leave-one-out",
+                               "layerwise", "adam", 3e-3, 32, 30)
+    assert bp["method"] == "bp" and bp["lr"] == 1e-3 and bp["seed"] == ulr["seed"]
+    table = capsys.readouterr().out
+    assert "best val acc" in table and "fwd rows" in table
+    assert [line.split()[0] for line in table.strip().splitlines()[2:4]] == ["ulr", "bp"]
+    assert (out / "comparison.txt").read_text().strip() in table
+
+
+@pytest.mark.parametrize("method", ["ulr", "bp"])
+def test_train_single_method_conv_model(tmp_path, capsys, method):
+    out = tmp_path / method
+    assert main(["train", "--method", method, "--model", "lenet5", "--max-steps", "2",
+                 *FAST, "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} >= {"checkpoint.pt", "metrics.jsonl",
+                                                 "summary.json", "config.toml"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "lenet5" and summary["steps"] == 2
+    assert f"run directory: {out}" in capsys.readouterr().out
+
+
+def test_flags_override_the_config_file(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('method = "ulr"\nsigma = 0.05\nplan = "all-sites"\nepochs = 1\n'
+                   '[model_args]\nhidden = [16]\nactivation = "tanh"\n')
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--sigma", "0.2", "--max-steps", "1",
+                 "--model-arg", "hidden=[8]", *FAST, "--out", str(out)]) == 0
+    stored = config_of(out)
+    assert stored["sigma"] == 0.2 and stored["plan"] == "all-sites" and stored["epochs"] == 1
+    assert stored["model_args"] == {"hidden": [8], "activation": "tanh"}
+    # The run's own config.toml reproduces it.
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(out / "config.toml"), "--quiet",
+                 "--out", str(again)]) == 0
+    assert config_of(again) == stored
+
+
+def test_config_file_errors_exit_2_and_name_the_key(tmp_path, capsys):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("sigmaa = 0.1\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'sigmaa'" in err and "did you mean 'sigma'" in err and "num_copies" in err
+    assert not (tmp_path / "x").exists()
+    assert main(["train", "--model-arg", "hidden", "--out", str(tmp_path / "y")]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_model_that_does_not_fit_leaves_no_directory(tmp_path, capsys):
+    out = tmp_path / "x"
+    assert main(["train", "--model", "lenet5", "--data", "adding", *FAST, "--out",
+                 str(out)]) == 2
+    assert "lenet5 cannot take in_shape (50, 2)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_via_cli_and_refused_change(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--method", "ulr", "--epochs", "1", *FAST, "--out", str(run)]) == 0
+    before = snapshot(run)
+    assert main(["train", "--resume", str(run), "--sigma", "0.3", "--quiet"]) == 2
+    assert "sigma: 0.1 -> 0.3" in capsys.readouterr().err
+    assert snapshot(run) == before
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 2
+    assert main(["train", "--method", "bp", "--epochs", "1", *FAST, "--out", str(run)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_regression_dataset_via_cli(tmp_path, capsys):
+    assert main(["train", "--data", "adding", "--method", "ulr", "bp", "--max-steps", "2",
+                 "--no-plots", "--eval-batch-size", "500", *FAST, "--out",
+                 str(tmp_path / "r")]) == 0
+    assert "test MSE" in capsys.readouterr().out
+
+
+def test_compare_config_files_writes_table_and_plots(tmp_path, capsys):
+    (tmp_path / "iid.toml").write_text('sampler = "iid"\nepochs = 2\n')
+    (tmp_path / "anti.toml").write_text('sampler = "antithetic"\nepochs = 2\n'
+                                        'method = ["ulr", "bp"]\n')
+    out = tmp_path / "cmp"
+    assert main(["compare", str(tmp_path / "iid.toml"), str(tmp_path / "anti.toml"),
+                 "--diag-every", "5", *FAST, "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    labels = [line.split()[0] for line in table.strip().splitlines()[2:5]]
+    assert labels == ["iid", "anti-ulr", "anti-bp"]
+    assert (out / "comparison.txt").is_file()
+    assert len(json.loads((out / "comparison.json").read_text())) == 3
+    for name in ("accuracy_vs_epoch", "accuracy_vs_time", "loss_vs_epoch", "cosine"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_compare_methods_and_plot_from_run_dirs(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--method", "ulr", "bp", "--epochs", "1", "--no-plots", *FAST,
+                 "--out", str(out)]) == 0
+    assert not (out / "accuracy_vs_epoch.png").exists()
+    capsys.readouterr()
+    plots = tmp_path / "plots"
+    assert main(["plot", str(out / "ulr"), str(out / "bp"), "--out", str(plots)]) == 0
+    assert "ulr" in capsys.readouterr().out
+    assert {p.name for p in plots.iterdir()} == {
+        "accuracy_vs_epoch.png", "accuracy_vs_time.png", "loss_vs_epoch.png"}
+    assert main(["plot", str(out)]) == 0  # a comparison directory stands for its runs
+    assert (out / "accuracy_vs_epoch.png").stat().st_size > 5000
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+
+
+def test_ctrl_c_in_a_comparison_then_resume(tmp_path, capsys, monkeypatch):
+    import ulr.train
+
+    args = ["train", "--method", "ulr", "bp", "--epochs", "2", "--no-plots", *FAST]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    original = ulr.train.ConsoleProgress.on_step
+
+    def interrupt(self, row):
+        if self.label == "bp" and row["step"] == 14:
+            raise KeyboardInterrupt
+        original(self, row)
+
+    monkeypatch.setattr(ulr.train.ConsoleProgress, "on_step", interrupt)
+    cut = tmp_path / "cut"
+    assert main([*args, "--out", str(cut)]) == 130
+    err = capsys.readouterr().err
+    assert "run 'bp' after epoch 1, step 11" in err and f"ulr train --resume {cut}" in err
+    assert not (cut / "bp" / "summary.json").exists()
+    monkeypatch.setattr(ulr.train.ConsoleProgress, "on_step", original)
+    assert main(["train", "--resume", str(cut), "--quiet"]) == 0
+    for run in ("ulr", "bp"):
+        def table(path):
+            rows = [json.loads(line) for line in (path / run / "metrics.jsonl").open()]
+            return [(r["step"], r.get("loss"), r.get("test_acc")) for r in rows
+                    if r["kind"] in ("step", "epoch")]
+        assert table(cut) == table(tmp_path / "straight")

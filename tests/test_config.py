@@ -1,0 +1,129 @@
+"""Run configs: TOML parsing, validation of keys and values, method lists, round trips."""
+
+import pytest
+
+from ulr.config import (
+    ConfigError,
+    RunConfig,
+    check_values,
+    configs_from_values,
+    keys,
+    load_toml,
+    parse_value,
+    to_toml,
+)
+
+
+def write(tmp_path, text, name="run.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_valid_file_is_normalised(tmp_path):
+    path = write(tmp_path, """
+model = "MLP"
+data = "digits"
+method = ["ulr", "bp"]
+num-copies = 16
+sigma = 1            # an int where a float is expected
+baseline = "Leave_One_Out"
+plan = "all_sites"
+epochs = 3
+
+[model_args]
+hidden = [32, 16]
+activation = "tanh"
+""")
+    values = load_toml(path)
+    assert values["model"] == "mlp"
+    assert values["num_copies"] == 16
+    assert values["sigma"] == 1.0 and isinstance(values["sigma"], float)
+    assert values["baseline"] == "leave-one-out"
+    assert values["plan"] == "all-sites"
+    assert values["model_args"] == {"hidden": [32, 16], "activation": "tanh"}
+    configs = configs_from_values(values, str(path))
+    assert [c.method for c in configs] == ["ulr", "bp"]
+    assert all(c.epochs == 3 and c.num_copies == 16 for c in configs)
+
+
+def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):
+    path = write(tmp_path, 'model = "mlp"\nnum_copy = 8\n')
+    with pytest.raises(ConfigError) as err:
+        load_toml(path)
+    msg = str(err.value)
+    assert "'num_copy'" in msg and "did you mean 'num_copies'" in msg
+    assert str(path) in msg
+    for key in ("num_copies", "sigma", "sampler", "diag_every"):
+        assert key in msg
+
+
+@pytest.mark.parametrize("text, words", [
+    ('num_copies = "many"', ["num_copies", "must be an int", "'many'"]),
+    ("num_copies = true", ["num_copies", "must be an int"]),
+    ("sigma = -0.1", ["sigma", "> 0", "-0.1"]),
+    ('noise = "cauchy"', ["noise", "'cauchy'", "gaussian, laplace, logistic"]),
+    ('model = "resnet50"', ["model", "lenet5", "mlp", "resnet5", "vgg8"]),
+    ('data = "cifar"', ["data", "digits", "adding"]),
+    ('method = ["ulr", "ulr"]', ["more than once"]),
+    ("val_fraction = 1.0", ["val_fraction", "in [0, 1)"]),
+    ("[optim]\nlr = 0.1", ["[optim]", "flat"]),
+    ("sigma = ", ["not valid TOML"]),
+])
+def test_bad_values_are_named(tmp_path, text, words):
+    with pytest.raises(ConfigError) as err:
+        load_toml(write(tmp_path, text))
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_toml(tmp_path / "nope.toml")
+
+
+def test_cross_field_check_antithetic_needs_even_copies():
+    with pytest.raises(ConfigError, match="use num_copies=8"):
+        RunConfig(num_copies=7)
+    assert RunConfig(num_copies=7, sampler="iid").num_copies == 7
+    assert RunConfig(num_copies=7, method="bp").num_copies == 7
+
+
+def test_defaults_are_the_verified_setting():
+    c = RunConfig()
+    assert (c.model, c.data, c.num_copies, c.noise, c.sigma, c.sampler, c.baseline, c.plan,
+            c.optimizer, c.batch_size, c.epochs) == (
+        "mlp", "digits", 32, "gaussian", 0.1, "antithetic", "leave-one-out", "layerwise",
+        "adam", 32, 30)
+    assert c.resolved_lr == 3e-3 and c.replace(method="bp").resolved_lr == 1e-3
+    assert c.threads == 1 and c.replace(threads=0).threads == 0  # 0: torch's default
+    assert c.replace(lr=0.5).resolved_lr == 0.5
+
+
+def test_toml_round_trip(tmp_path):
+    config = RunConfig(model_args={"hidden": [8]}, sites=["hidden.*", "out"], lr=0.01,
+                       max_steps=5, recommended=True, method="ulr")
+    path = write(tmp_path, to_toml(config, "a header\nof two lines"))
+    [again] = configs_from_values(load_toml(path))
+    assert again == config
+    assert RunConfig.from_dict(config.to_dict()) == config
+
+
+def test_from_dict_rejects_unknown_and_lists():
+    with pytest.raises(ConfigError, match="unknown key 'colour'"):
+        RunConfig.from_dict({"colour": "red"})
+    with pytest.raises(ConfigError, match="one method"):
+        RunConfig.from_dict({"method": ["ulr", "bp"]})
+
+
+def test_check_values_accepts_dashes_and_keys_cover_fields():
+    assert check_values({"diag-every": 5}, "x") == {"diag_every": 5}
+    assert set(keys()) == set(RunConfig().to_dict())
+
+
+def test_parse_value():
+    assert parse_value("[256, 128]") == [256, 128]
+    assert parse_value("3e-3") == 3e-3
+    assert parse_value('"tanh"') == "tanh"
+    assert parse_value("tanh") == "tanh"
+    assert parse_value("true") is True

@@ -1,0 +1,238 @@
+"""The training loop: smoke runs, exact reproducibility and resumption, diagnostics, errors."""
+
+import json
+
+import pytest
+import torch
+
+from ulr.config import RunConfig
+from ulr.train import (
+    Callback,
+    CheckpointError,
+    TrainingInterrupted,
+    fit,
+    format_table,
+    resume_config,
+)
+
+# 1295 digits training images / 128 = 11 steps per epoch; K = 8 keeps each step tiny.
+TINY = dict(batch_size=128, num_copies=8, threads=1, device="cpu", epochs=2)
+TIMING = {"wall_time_s", "train_time_s", "samples_per_s", "peak_rss_mb"}
+
+
+def tiny(**changes):
+    return RunConfig(**{**TINY, **changes})
+
+
+def rows(run_dir, kinds=("step", "epoch", "diag")):
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["kind"] in kinds:
+            out.append({k: v for k, v in row.items() if k not in TIMING})
+    return out
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class _StopAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, row):
+        if row["step"] == self.step:
+            raise KeyboardInterrupt
+
+
+def snapshot(run_dir):
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
+
+
+@pytest.mark.parametrize("method", ["ulr", "bp"])
+def test_fit_without_directory(method):
+    summary = fit(tiny(method=method, max_steps=3))
+    assert summary["steps"] == 3 and summary["status"].startswith("stopped at max_steps")
+    assert 0 <= summary["final"]["test_acc"] <= 1
+    assert summary["run_dir"] is None
+    rows_per_step = 8 * 128 * 2 + 128 if method == "ulr" else 128  # 2 layers + discovery
+    assert summary["forward_rows"] == 3 * rows_per_step
+    assert summary["forward_passes"] == 3 * (3 if method == "ulr" else 1)
+    assert summary["environment"]["torch"] == torch.__version__
+
+
+def test_run_directory_contents(tmp_path):
+    summary = fit(tiny(epochs=1), tmp_path / "run")
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} == {
+        "config.toml", "config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"}
+    stored = json.loads((run / "config.json").read_text())
+    assert stored["lr"] == 3e-3 and stored["device"] == "cpu"  # resolved, not "auto"/unset
+    assert json.loads((run / "summary.json").read_text())["steps"] == summary["steps"] == 11
+    kinds = [json.loads(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert kinds[0] == "start" and kinds.count("step") == 11 and kinds[-1] == "epoch"
+    epoch = rows(run, ("epoch",))[0]
+    for key in ("train_loss", "val_acc", "test_acc", "forward_rows", "lr"):
+        assert epoch[key] is not None
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["peak_rss_mb"] > 0
+
+
+def test_same_seed_same_metrics_and_other_seed_differs(tmp_path):
+    fit(tiny(), tmp_path / "a")
+    fit(tiny(), tmp_path / "b")
+    fit(tiny(seed=1), tmp_path / "c")
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert rows(tmp_path / "a") != rows(tmp_path / "c")
+
+
+def test_global_rng_and_threads_are_left_alone():
+    threads = torch.get_num_threads()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit(tiny(max_steps=2, threads=1 if threads > 1 else 2))
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.get_num_threads() == threads
+
+
+def test_ulr_and_bp_start_from_the_same_weights(tmp_path):
+    # Interrupted at step 1, each directory still holds its step-0 checkpoint.
+    for method in ("ulr", "bp"):
+        with pytest.raises(TrainingInterrupted):
+            fit(tiny(method=method), tmp_path / method, callbacks=[_StopAt(1)])
+    assert_same_weights(weights(tmp_path / "ulr"), weights(tmp_path / "bp"))
+
+
+@pytest.mark.parametrize("method", ["ulr", "bp"])
+def test_resume_one_plus_one_epochs_equals_two(tmp_path, method):
+    fit(tiny(method=method, schedule="step", step_size=1, gamma=0.5), tmp_path / "straight")
+    fit(tiny(method=method, schedule="step", step_size=1, gamma=0.5, epochs=1),
+        tmp_path / "resumed")
+    config = resume_config(tmp_path / "resumed", {"epochs": 2})
+    fit(config, tmp_path / "resumed", resume=True)
+    assert rows(tmp_path / "straight") == rows(tmp_path / "resumed")
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["status"] == "complete"
+
+
+def test_resume_inside_an_epoch_is_exact(tmp_path):
+    fit(tiny(epochs=1, baseline="running-average"), tmp_path / "straight")
+    fit(tiny(epochs=1, baseline="running-average", max_steps=4), tmp_path / "resumed")
+    assert rows(tmp_path / "resumed", ("epoch",))[-1]["partial"] is True
+    fit(resume_config(tmp_path / "resumed", {"max_steps": None}), tmp_path / "resumed",
+        resume=True)
+    assert rows(tmp_path / "straight") == rows(tmp_path / "resumed")
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+
+
+def test_interrupt_leaves_a_resumable_directory(tmp_path):
+    fit(tiny(), tmp_path / "straight")
+    with pytest.raises(TrainingInterrupted) as err:
+        fit(tiny(), tmp_path / "cut", callbacks=[_StopAt(15)])  # inside epoch 2
+    assert (err.value.epoch, err.value.step) == (1, 11)
+    assert "ulr train --resume" in str(err.value)
+    fit(resume_config(tmp_path / "cut"), tmp_path / "cut", resume=True)
+    assert rows(tmp_path / "straight") == rows(tmp_path / "cut")
+
+
+def test_corrupt_checkpoint_is_refused_and_nothing_changes(tmp_path):
+    run = tmp_path / "run"
+    fit(tiny(epochs=1), run)
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    before = snapshot(run)
+    with pytest.raises(CheckpointError, match="corrupt or unreadable.*nothing was changed"):
+        fit(resume_config(run, {"epochs": 2}), run, resume=True)
+    assert snapshot(run) == before
+
+
+def test_mismatched_checkpoint_is_refused_and_nothing_changes(tmp_path):
+    fit(tiny(epochs=1), tmp_path / "run")
+    fit(tiny(epochs=1, sigma=0.05), tmp_path / "other")
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(
+        (tmp_path / "other" / "checkpoint.pt").read_bytes())
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"sigma: 0\.05 -> 0\.1"):
+        fit(resume_config(tmp_path / "run", {"epochs": 2}), tmp_path / "run", resume=True)
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_resume_refuses_config_changes(tmp_path):
+    run = tmp_path / "run"
+    fit(tiny(epochs=1, schedule="cosine"), run)
+    before = snapshot(run)
+    with pytest.raises(CheckpointError, match="lr: 0.003 -> 0.1.*Only epochs"):
+        fit(resume_config(run, {"lr": 0.1}), run, resume=True)
+    with pytest.raises(CheckpointError, match="cosine schedule"):
+        fit(resume_config(run, {"epochs": 3}), run, resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoint.pt"):
+        fit(tiny(), tmp_path / "empty", resume=True)
+    assert snapshot(run) == before
+
+
+def test_existing_directory_is_not_overwritten(tmp_path):
+    run = tmp_path / "run"
+    fit(tiny(max_steps=1), run)
+    before = snapshot(run)
+    with pytest.raises(CheckpointError, match="already exists.*--resume"):
+        fit(tiny(max_steps=1), run)
+    assert snapshot(run) == before
+
+
+def test_diagnostics_rows_and_training_is_undisturbed(tmp_path):
+    fit(tiny(epochs=1, diag_every=3), tmp_path / "diag")
+    fit(tiny(epochs=1), tmp_path / "plain")
+    diags = rows(tmp_path / "diag", ("diag",))
+    assert [d["step"] for d in diags] == [3, 6, 9]
+    for d in diags:
+        assert set(d["cosine"]) == {"hidden.0", "out"} == set(d["norm_ratio"])
+        assert all(-1 <= c <= 1 for c in [*d["cosine"].values(), d["cosine_all"]])
+        assert all(r > 0 for r in d["norm_ratio"].values())
+    # The output layer's estimate points the right way.
+    assert sum(d["cosine"]["out"] for d in diags) > 0
+    assert rows(tmp_path / "diag", ("step", "epoch")) == rows(tmp_path / "plain")
+
+
+def test_regression_dataset_reports_loss():
+    summary = fit(tiny(data="adding", max_steps=2, epochs=1, eval_batch_size=500))
+    assert summary["task"] == "regression"
+    assert summary["final"]["test_acc"] is None and summary["final"]["test_loss"] > 0
+    assert summary["best"]["val_loss"] > 0
+    assert "test MSE" in format_table([summary])
+
+
+def test_model_that_does_not_fit_the_data():
+    with pytest.raises(ValueError, match="cannot build model 'lenet5' for dataset 'adding'"):
+        fit(tiny(model="lenet5", data="adding", max_steps=1))
+
+
+def test_recommended_config_is_used():
+    summary = fit(tiny(recommended=True, max_steps=1, epochs=1))
+    # MLP recommends 64 copies for hidden.0 and 32 for out (antithetic, layerwise).
+    assert summary["forward_rows"] == 128 + 64 * 128 + 32 * 128
+
+
+def test_format_table_lists_every_run():
+    s = fit(tiny(max_steps=1, epochs=1))
+    table = format_table([s, {**s, "label": "other"}])
+    assert "test acc" in table and "fwd rows" in table
+    assert table.splitlines()[2].startswith("ulr") and table.splitlines()[3].startswith("other")
+
+
+def test_unsupported_dataset_kind_is_refused(monkeypatch):
+    import ulr.train
+
+    class GraphLike:
+        task = "node-classification"
+
+    monkeypatch.setattr(ulr.train, "_dataset", lambda *args: GraphLike())
+    with pytest.raises(ValueError, match="GraphLike.*ulr train handles.*digits"):
+        fit(tiny(max_steps=1))
