@@ -436,3 +436,32 @@ def test_custom_replicate_for_a_whole_graph():
         ulr.LikelihoodRatio(model, sites=["lin1", "lin2"], num_copies=3,
                             replicate=lambda inputs, k: inputs).loss_and_grads(ce, (feats, adj), y)
     assert ulr.copy_layout() is None
+
+
+def test_layerwise_learns_the_sites_once_and_follows_control_flow():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            if x.sum() > 0:  # input-dependent: site "b" fires only for some batches
+                h = self.b(h)
+            return self.c(h)
+
+    model = Branchy()
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    est = ulr.LikelihoodRatio(model, num_copies=2, plan=ulr.plans.layerwise(), exclude=["b.*"])
+    neg, pos = -torch.ones(4, 3), torch.ones(4, 3)
+    est.loss_and_grads(lambda o: o.sum(1), neg)
+    assert calls == [4, 8, 8]  # discovery, then one pass per site (a, c)
+    calls.clear()
+    est.loss_and_grads(lambda o: o.sum(1), neg)
+    assert calls == [8, 8]  # names known: no discovery pass
+    calls.clear()
+    model.zero_grad(set_to_none=True)
+    est.loss_and_grads(lambda o: o.sum(1), pos)  # "b" appears: relearn and start over
+    assert calls == [8, 8, 4, 8, 8, 8]
+    assert est._site_names == ["a", "b", "c"]

@@ -423,6 +423,8 @@ class LikelihoodRatio:
             generator = torch.Generator(device=device).manual_seed(seed)
         self.generator = generator
         self._warned_batchnorm = False
+        self._site_names: list[str] | None = None
+        self._fired: set[str] = set()
         #: Forward rows (examples × copies, summed over passes and sweeps) of the last call.
         self.last_forward_rows = 0
 
@@ -557,6 +559,7 @@ class LikelihoodRatio:
                 with torch.set_grad_enabled(grad):
                     run.grad_enabled = grad
                     out = self.model(**rep) if isinstance(rep, dict) else self.model(*rep)
+                self._fired.update(run.fired)
                 return out, run
             except _NeedGradError:
                 self._needs_grad = grad = True
@@ -752,23 +755,35 @@ class LikelihoodRatio:
         params = [p for _, p in self._trainable()]
         clean_losses, site_names = None, ()
         rows_total = 0
-        if self.plan.needs_site_names or self.baseline.needs_clean:
+        # The site names (for layer-wise groups) are learnt once by a clean pass and kept; a
+        # step that meets a site outside them (input-dependent control flow) starts over.
+        known = self._site_names if self.plan.needs_site_names else ()
+        if self.baseline.needs_clean or known is None:
             with torch.no_grad():
                 outputs, run = self._forward(None, inputs, batch)
             rows_total += batch
-            site_names = list(run.fired)
-            if not site_names:
+            if not run.fired:
                 raise self._no_site_error()
+            if self.plan.needs_site_names:
+                self._site_names = known = list(run.fired)
             if self.baseline.needs_clean:
                 clean_losses = self._losses(loss_fn, outputs, targets, batch)
             del outputs
+        site_names = known
 
+        start = self._snapshot(), self.baseline.state_dict()
+        self._fired = set()
         grads: dict[Tensor, Tensor] = {}
         loss_sum, loss_rows = 0.0, 0
         for spec in self.plan.passes(site_names, self.num_copies):
             s, n, f = self._estimate_pass(spec, loss_fn, inputs, targets, batch, clean_losses,
                                           grads, params)
             loss_sum, loss_rows, rows_total = loss_sum + s, loss_rows + n, rows_total + f
+        if self.plan.needs_site_names and not self._fired <= set(site_names):
+            self._site_names = None
+            self._restore(start[0])
+            self.baseline.load_state_dict(start[1])
+            return self.loss_and_grads(loss_fn, inputs, targets)
 
         uncovered = [n for n, p in self._trainable() if p not in grads]
         if uncovered:
