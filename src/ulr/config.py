@@ -159,8 +159,10 @@ class RunConfig:
     sampler: str = field(default="antithetic", metadata=_meta(
         "method and estimator",
         "How the K copies are drawn: antithetic pairs (z, -z) cancel the zeroth-order term "
-        "(usually far lower variance); iid is the plain Monte Carlo estimator.",
-        choices=("antithetic", "iid")))
+        "(far lower variance without a baseline); iid is plain Monte Carlo (with a baseline it "
+        "matches or beats antithetic, see docs/results/variance.md); sobol is randomised "
+        "quasi-Monte Carlo (not with leave-one-out); antithetic-sobol combines both.",
+        choices=("antithetic", "iid", "sobol", "antithetic-sobol")))
     baseline: str = field(default="leave-one-out", metadata=_meta(
         "method and estimator",
         "Control variate subtracted from each copy's loss: leave-one-out (mean of the other "
@@ -182,8 +184,19 @@ class RunConfig:
         metavar="NAME", default_text="every module that owns a parameter"))
     recommended: bool = field(default=False, metadata=_meta(
         "method and estimator",
-        "Use the model's recommended per-layer sigma and (with the layerwise plan) per-layer "
-        "copy counts instead of --sigma/--num-copies."))
+        "Use the model's recommended per-layer sigma (weight noise on the first convs of "
+        "resnet5/vgg8) and (with the layerwise plan) per-layer copy counts instead of "
+        "--sigma/--num-copies."))
+    memory: str = field(default="store", metadata=_meta(
+        "method and estimator",
+        "What the estimator keeps until the losses are known: store (every site's input and "
+        "noise, fastest), chunked (copies in chunks of --chunk-size, memory bounded by a "
+        "chunk), replay (losses first, then the noise regenerated site by site: memory close "
+        "to inference, two forwards). All give the same estimate.",
+        choices=("store", "chunked", "replay")))
+    chunk_size: int | None = field(default=None, metadata=_meta(
+        "method and estimator", "Copies per chunk with --memory chunked.",
+        check=_at_least(1), rule=">= 1", default_text="none"))
 
     # -- optimisation ----------------------------------------------------------------------------
     optimizer: str = field(default="adam", metadata=_meta(
@@ -249,7 +262,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name), "RunConfig"))
-        if self.method == "ulr" and self.sampler == "antithetic" and self.num_copies % 2:
+        if self.method == "ulr" and self.memory == "chunked" and self.chunk_size is None:
+            raise ConfigError("memory='chunked' needs chunk_size (copies per chunk)")
+        if self.method == "ulr" and "sobol" in self.sampler and self.baseline == "leave-one-out":
+            raise ConfigError(
+                f"sampler={self.sampler!r} with baseline='leave-one-out': the QMC copies of an "
+                f"example depend on each other, so leave-one-out would be biased; use "
+                f"baseline='clean' or 'running-average', or sampler='iid'/'antithetic'")
+        if self.method == "ulr" and "antithetic" in self.sampler and self.num_copies % 2:
             raise ConfigError(
                 f"num_copies={self.num_copies} with the antithetic sampler: antithetic pairs "
                 f"need an even count; use num_copies={self.num_copies + 1} or sampler='iid'"
@@ -283,6 +303,7 @@ _TYPES = {
     "model": str, "model_args": dict, "data": str, "data_dir": str, "val_fraction": float,
     "method": str, "num_copies": int, "noise": str, "sigma": float, "sampler": str,
     "baseline": str, "baseline_decay": float, "plan": str, "sites": list, "recommended": bool,
+    "memory": str, "chunk_size": int,
     "optimizer": str, "lr": float, "momentum": float, "weight_decay": float, "schedule": str,
     "step_size": int, "gamma": float, "grad_clip": float, "batch_size": int, "epochs": int,
     "max_steps": int, "seed": int, "device": str, "threads": int, "eval_batch_size": int,

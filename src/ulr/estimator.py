@@ -812,7 +812,8 @@ class LikelihoodRatio:
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Generator, sampler and baseline state and learnable noise scales (exact resume)."""
+        """Generator, sampler and baseline state, learnable noise scales and the site names a
+        layer-wise plan has learnt (for exact resumption)."""
         sites = [*self._module_sites.values(), *filter(None, self._mark_sites.values())]
         return {
             "generator": self.generator.get_state(),
@@ -821,6 +822,7 @@ class LikelihoodRatio:
             "baseline": self.baseline.state_dict(),
             "noise": {s.name: s.noise.log_scale.detach().clone() for s in sites
                       if s.noise.learnable},
+            "site_names": None if self._site_names is None else list(self._site_names),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -835,6 +837,8 @@ class LikelihoodRatio:
         self.generator.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"])
         self.baseline.load_state_dict(state["baseline"])
+        names = state.get("site_names")
+        self._site_names = None if names is None else list(names)
         sites = {s.name: s for s in self._module_sites.values()}
         for name, value in state.get("noise", {}).items():
             site = sites.get(name) or self._mark_site(name)

@@ -59,8 +59,8 @@ from torch import Tensor, nn
 from . import __version__, baselines, data, models, plans
 from .config import RunConfig, to_toml
 from .estimator import LikelihoodRatio
-from .noise import Gaussian, Laplace, Logistic
-from .samplers import antithetic, iid
+from .noise import Gaussian, Laplace, Logistic, weight_noise
+from .samplers import antithetic, iid, sobol
 from .sites import by_name
 
 __all__ = [
@@ -181,7 +181,9 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device) -> Lik
     if config.recommended:
         rec = models.recommended_config(model)
         # Named layers first: the noise mapping takes the first matching pattern.
-        noise = {**{n: cls(s) for n, s in rec["sigma"].items()}, "*": cls(config.sigma)}
+        noise = {**{n: cls(s) for n, s in rec["sigma"].items()},
+                 **{n: weight_noise(cls(s)) for n, s in rec.get("weight_sigma", {}).items()},
+                 "*": cls(config.sigma)}
         copies = rec["num_copies"]
     baseline = {
         "none": baselines.none,
@@ -202,10 +204,13 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device) -> Lik
         sites=None if config.sites is None else by_name(*config.sites),
         noise=noise,
         num_copies=config.num_copies,
-        sampler=antithetic() if config.sampler == "antithetic" else iid(),
+        sampler={"antithetic": antithetic, "iid": iid, "sobol": sobol,
+                 "antithetic-sobol": lambda: antithetic(sobol())}[config.sampler](),
         baseline=baseline,
         plan=plan,
         generator=generator,
+        memory=config.memory,
+        chunk_size=config.chunk_size if config.memory == "chunked" else None,
     )
 
 

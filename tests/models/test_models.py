@@ -81,7 +81,8 @@ def test_direct_construction(model: nn.Module, in_shape: tuple[int, ...]) -> Non
 
 
 def test_registry_names() -> None:
-    assert available() == ["lenet5", "mlp", "resnet5", "vgg8"]
+    assert {"lenet5", "mlp", "resnet5", "vgg8"} <= set(available())
+    assert available() == sorted(available())
     assert isinstance(build("ResNet5", in_shape=MNIST, num_classes=10), ResNet5)
     model = build("mlp", in_shape=MNIST, num_classes=3, hidden=(16, 8), activation="tanh")
     assert isinstance(model, MLP)
@@ -144,24 +145,30 @@ def test_recommended_config_covers_parametrised_modules(
 ) -> None:
     model = build(name, in_shape=in_shape, num_classes=10)
     config = recommended_config(model)
-    assert set(config) == {"sigma", "num_copies"}
+    assert set(config) <= {"sigma", "weight_sigma", "num_copies"}
     owners = set(_param_owners(model))
-    assert set(config["sigma"]) == owners
+    weight = config.get("weight_sigma", {})
+    assert set(config["sigma"]) | set(weight) == owners
+    assert not set(config["sigma"]) & set(weight)
     assert set(config["num_copies"]) == owners
-    assert all(isinstance(s, float) and 0 < s <= 1 for s in config["sigma"].values())
+    noises = [*config["sigma"].values(), *weight.values()]
+    assert all(isinstance(s, float) and 0 < s <= 1 for s in noises)
     assert all(isinstance(k, int) and k > 0 for k in config["num_copies"].values())
     # Callers may edit the dict; that must not leak into the next call.
     config["sigma"].clear()
-    assert set(recommended_config(model)["sigma"]) == owners
+    assert set(recommended_config(model)["sigma"]) | set(weight) == owners
 
 
 def test_reference_configs_from_method_doc() -> None:
     resnet = ResNet5(3, 10, 32).ulr_config()
     assert list(resnet["num_copies"].values()) == [100, 200, 200, 100, 50]
-    assert set(resnet["sigma"].values()) == {0.1}
+    assert resnet["sigma"] == {"conv3": 0.1, "conv4": 0.1, "fc": 0.1}
+    assert resnet["weight_sigma"] == {"conv1": 1e-3, "conv2": 1e-3}
     vgg = VGG8(3, 10, 32).ulr_config()
     assert list(vgg["num_copies"].values()) == [100, 200, 400, 800, 400, 200, 100, 50]
-    assert set(vgg["sigma"].values()) == {1e-2}
+    assert set(vgg["sigma"].values()) == {1e-2} and set(vgg["sigma"]) == {"conv5", "conv6",
+                                                                          "fc1", "fc2"}
+    assert vgg["weight_sigma"] == dict.fromkeys(["conv1", "conv2", "conv3", "conv4"], 1e-3)
     mlp = MLP(64, 10, hidden=(32, 32)).ulr_config()
     assert list(mlp["num_copies"]) == ["hidden.0", "hidden.1", "out"]
 

@@ -11,16 +11,23 @@ Activation = Literal["relu", "tanh", "sigmoid", "sign"]
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "sigmoid", "sign")
 
 
-class ULRConfig(TypedDict):
+class _ULRConfigRequired(TypedDict):
+    sigma: dict[str, float]
+    num_copies: dict[str, int]
+
+
+class ULRConfig(_ULRConfigRequired, total=False):
     """A recommended ULR configuration, keyed by qualified module name.
 
     Attributes:
-        sigma: output-noise standard deviation per parametrised layer.
+        sigma: output-noise standard deviation of each layer that gets output noise.
+        weight_sigma: per-example weight-noise standard deviation of each layer that gets
+            weight noise instead (:func:`ulr.weight_noise`); absent or empty if none. Together
+            with ``sigma`` it covers every parametrised layer exactly once.
         num_copies: noise copies per layer for a layer-wise plan (one perturbed pass per layer).
     """
 
-    sigma: dict[str, float]
-    num_copies: dict[str, int]
+    weight_sigma: dict[str, float]
 
 
 class Sign(nn.Module):

@@ -7,8 +7,11 @@ from torch import nn
 
 from ._common import Activation, ULRConfig, check_input_size, check_positive, make_activation
 
-# METHOD.md §3 (authors' CIFAR-10 code): output noise 0.1, copies [100, 200, 200, 100, 50].
+# METHOD.md §3 (authors' CIFAR-10 code): weight noise 1e-3 on conv1-2, output noise 0.1 after,
+# copies [100, 200, 200, 100, 50].
 _SIGMA = 0.1
+_WEIGHT_SIGMA = 1e-3
+_WEIGHT_LAYERS = ("conv1", "conv2")
 _COPIES = {"conv1": 100, "conv2": 200, "conv3": 200, "conv4": 100, "fc": 50}
 
 
@@ -74,12 +77,12 @@ class ResNet5(nn.Module):
         """Recommended ULR configuration, from the authors' CIFAR-10 code (METHOD.md §3).
 
         Returns:
-            ``sigma`` 0.1 for every layer; ``num_copies`` conv1 100, conv2 200, conv3 200,
-            conv4 100, fc 50 (for a layer-wise plan).
-
-        Note:
-            The reference puts *weight* noise (sigma 1e-3) on ``conv1`` and ``conv2``. Until weight
-            noise is available this configuration uses output noise there too, at the same 0.1
-            as the later layers.
+            per-example *weight* noise 1e-3 on ``conv1`` and ``conv2`` (large maps, few
+            weights), output noise 0.1 on ``conv3``, ``conv4`` and ``fc``; ``num_copies`` conv1
+            100, conv2 200, conv3 200, conv4 100, fc 50 (for a layer-wise plan).
         """
-        return {"sigma": dict.fromkeys(_COPIES, _SIGMA), "num_copies": dict(_COPIES)}
+        return {
+            "sigma": {n: _SIGMA for n in _COPIES if n not in _WEIGHT_LAYERS},
+            "weight_sigma": dict.fromkeys(_WEIGHT_LAYERS, _WEIGHT_SIGMA),
+            "num_copies": dict(_COPIES),
+        }

@@ -7,9 +7,11 @@ from torch import nn
 
 from ._common import Activation, ULRConfig, check_input_size, check_positive, make_activation
 
-# METHOD.md §3 (authors' CIFAR-10 code): output noise 1e-2, copies
-# [100, 200, 400, 800, 400, 200, 100, 50] in layer order.
+# METHOD.md §3 (authors' CIFAR-10 code): weight noise 1e-3 on conv1-4, output noise 1e-2
+# after, copies [100, 200, 400, 800, 400, 200, 100, 50] in layer order.
 _SIGMA = 1e-2
+_WEIGHT_SIGMA = 1e-3
+_WEIGHT_LAYERS = ("conv1", "conv2", "conv3", "conv4")
 _COPIES = {
     "conv1": 100,
     "conv2": 200,
@@ -90,12 +92,12 @@ class VGG8(nn.Module):
         """Recommended ULR configuration, from the authors' CIFAR-10 code (METHOD.md §3).
 
         Returns:
-            ``sigma`` 1e-2 for every layer; ``num_copies`` conv1 100, conv2 200, conv3 400,
+            per-example *weight* noise 1e-3 on ``conv1``..``conv4``, output noise 1e-2 on
+            ``conv5``, ``conv6``, ``fc1``, ``fc2``; ``num_copies`` conv1 100, conv2 200, conv3 400,
             conv4 800, conv5 400, conv6 200, fc1 100, fc2 50 (for a layer-wise plan).
-
-        Note:
-            The reference puts *weight* noise (sigma 1e-3) on ``conv1``..``conv4``. Until weight
-            noise is available this configuration uses output noise there too, at the same 1e-2
-            as the later layers.
         """
-        return {"sigma": dict.fromkeys(_COPIES, _SIGMA), "num_copies": dict(_COPIES)}
+        return {
+            "sigma": {n: _SIGMA for n in _COPIES if n not in _WEIGHT_LAYERS},
+            "weight_sigma": dict.fromkeys(_WEIGHT_LAYERS, _WEIGHT_SIGMA),
+            "num_copies": dict(_COPIES),
+        }
