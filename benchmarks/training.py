@@ -1,0 +1,143 @@
+"""Training results: ULR next to backprop on the same model, data, seed and epochs.
+
+Each pair of runs goes through `ulr.train.fit` (the code behind `ulr train`), so every row can
+be reproduced with the `ulr train` command printed next to it. Writes
+docs/results/training-<device>.{json,md}.
+
+    python benchmarks/training.py                      # all suites on the CPU (slow: ~1 h)
+    python benchmarks/training.py --device cuda        # the same on a GPU
+    python benchmarks/training.py --suite digits       # one suite
+    python benchmarks/training.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ulr.config import RunConfig
+from ulr.train import fit
+
+# Each suite: (dataset, model, model args, ULR overrides, epochs, batch size, floor).
+# Floors are issue #3's: digits MLP ULR >= 96%; MNIST subset within 3 points of BP;
+# Fashion-MNIST MLP ULR >= 85% and LeNet ULR >= 87%.
+SUITES = {
+    "digits": ("digits", "mlp", {}, {}, 30, 32, ("abs", 0.96)),
+    "mnist-subset": ("mnist-subset", "mlp", {"hidden": [256]}, {}, 30, 32, ("gap", 0.03)),
+    "fashion-mlp": ("fashion-mnist", "mlp", {"hidden": [256]}, {"sampler": "iid"}, 15, 64,
+                    ("abs", 0.85)),
+    "fashion-lenet": ("fashion-mnist", "lenet5", {}, {"sampler": "iid", "sigma": 0.05}, 15, 64,
+                      ("abs", 0.87)),
+    # the model's recommended per-layer sigma and copy counts (64-128 copies per layer)
+    "fashion-lenet-rec": ("fashion-mnist", "lenet5", {}, {"sampler": "iid", "recommended": True},
+                          15, 64, ("abs", 0.87)),
+}
+
+
+def command(cfg: RunConfig) -> str:
+    parts = ["ulr", "train", "--method", cfg.method, "--data", cfg.data, "--model", cfg.model]
+    for k, v in cfg.model_args.items():
+        parts += ["--model-arg", f"{k}={json.dumps(v)}"]
+    defaults = RunConfig()
+    for name in ("num_copies", "sigma", "sampler", "baseline", "plan", "lr", "batch_size",
+                 "epochs", "seed", "device"):
+        v = getattr(cfg, name)
+        if v != getattr(defaults, name) and v is not None:
+            parts += ["--" + name.replace("_", "-"), str(v)]
+    if cfg.recommended:
+        parts.append("--recommended")
+    return shlex.join(parts)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--suite", nargs="*", choices=list(SUITES), default=list(SUITES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="docs/results")
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    rows = []
+    for suite in ["digits"] if args.smoke else args.suite:
+        data, model, margs, ulr_over, epochs, batch, floor = SUITES[suite]
+        results = {}
+        for method in ("ulr", "bp"):
+            cfg = RunConfig(data=data, model=model, model_args=margs, method=method,
+                            epochs=1 if args.smoke else epochs, batch_size=batch,
+                            seed=args.seed, device=args.device, threads=args.threads,
+                            max_steps=3 if args.smoke else None,
+                            **(ulr_over if method == "ulr" else {}))
+            started = time.time()
+            summary = fit(cfg, out_dir=None)
+            res = {
+                "suite": suite, "method": method, "data": data, "model": model,
+                "epochs": summary["epochs_completed"],
+                "test_acc": summary["final"]["test_acc"],
+                "best_val_acc": summary["best"]["val_acc"] if summary["best"] else None,
+                "test_acc_at_best": summary["best"]["test_acc"] if summary["best"] else None,
+                "wall_s": round(time.time() - started, 1),
+                "forward_rows": summary["forward_rows"],
+                "peak_mb": summary.get("peak_cuda_mb") or summary.get("peak_rss_mb"),
+                "command": command(cfg),
+            }
+            results[method] = res
+            rows.append(res)
+            print(f"{suite:14s} {method:4s} test {res['test_acc']:.4f}  "
+                  f"{res['wall_s']:7.1f} s", flush=True)
+        kind, bar = floor
+        ulr_acc, bp_acc = results["ulr"]["test_acc"], results["bp"]["test_acc"]
+        ok = ulr_acc >= bar if kind == "abs" else bp_acc - ulr_acc <= bar
+        results["ulr"]["floor"] = (f"ULR >= {bar:.0%}" if kind == "abs"
+                                   else f"within {bar * 100:.0f} points of BP")
+        results["ulr"]["floor_met"] = bool(ok)
+        if not args.smoke:
+            write(rows, args)  # after every suite: a long run that is cut keeps what it did
+    return rows
+
+
+def write(rows, args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"training-{args.device}"
+    device = args.device
+    try:
+        import torch
+
+        if args.device.startswith("cuda"):
+            device = torch.cuda.get_device_name()
+        meta = {"device": device, "torch": torch.__version__, "threads": args.threads,
+                "seed": args.seed, "command": "python benchmarks/training.py "
+                + " ".join(sys.argv[1:])}
+    except ImportError:  # pragma: no cover
+        meta = {}
+    path = out / f"{stem}.json"
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    suites = {r["suite"] for r in rows}
+    rows = [r for r in old if r["suite"] not in suites] + rows
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"# ULR vs backprop: training results ({device})", "",
+             f"Same model, data, seed ({args.seed}), epochs and batch for both methods; test "
+             f"accuracy after the last epoch, and at the epoch of best validation accuracy. "
+             f"torch {meta.get('torch')}, {args.threads} CPU threads. Generated by "
+             f"`{meta.get('command')}`; each row's own command is below the table.", "",
+             "| suite | method | epochs | test acc | test acc @ best val | wall s | forward rows "
+             "| peak MB | floor |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        floor = ""
+        if "floor" in r:
+            floor = f"{r['floor']}: {'met' if r['floor_met'] else 'NOT met'}"
+        at_best = r["test_acc_at_best"]
+        lines.append(f"| {r['suite']} | {r['method']} | {r['epochs']} | {r['test_acc']:.2%} | "
+                     f"{'' if at_best is None else f'{at_best:.2%}'} | {r['wall_s']} | "
+                     f"{r['forward_rows']:.3g} | {r['peak_mb']} | {floor} |")
+    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
