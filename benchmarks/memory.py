@@ -127,7 +127,8 @@ def main(argv=None):
     stem = f"memory-{args.device.split(':')[0]}"
     meta = {"device": args.device, "batch": args.batch, "copies": args.copies,
             "mlp_width": args.width,
-            "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:])}
+            "command": "python benchmarks/memory.py " + " ".join(
+                a for a in sys.argv[1:] if a not in (args.out, "--out"))}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Peak memory of one step ({args.device})", "",
              f"B = {args.batch} examples, K = {args.copies} copies; MLP 784-{args.width}x4-10 and "

@@ -82,7 +82,7 @@ def main(argv=None):
                 "test_acc_at_best": summary["best"]["test_acc"] if summary["best"] else None,
                 "wall_s": round(time.time() - started, 1),
                 "forward_rows": summary["forward_rows"],
-                "peak_mb": summary.get("peak_cuda_mb") or summary.get("peak_rss_mb"),
+                "peak_mb": round(summary.get("peak_cuda_mb") or summary.get("peak_rss_mb") or 0),
                 "command": command(cfg),
             }
             results[method] = res
@@ -111,8 +111,8 @@ def write(rows, args):
         if args.device.startswith("cuda"):
             device = torch.cuda.get_device_name()
         meta = {"device": device, "torch": torch.__version__, "threads": args.threads,
-                "seed": args.seed, "command": "python benchmarks/training.py "
-                + " ".join(sys.argv[1:])}
+                "seed": args.seed, "command": "python benchmarks/training.py " + " ".join(
+                    a for a in sys.argv[1:] if a != args.out and a != "--out")}
     except ImportError:  # pragma: no cover
         meta = {}
     path = out / f"{stem}.json"
