@@ -7,7 +7,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ["speed.py", "variance.py", "memory.py", "training.py"]
-BENCHMARKS += ["architectures.py", "rnn_time.py"]
 
 
 def test_coverage():
