@@ -465,3 +465,23 @@ def test_layerwise_learns_the_sites_once_and_follows_control_flow():
     est.loss_and_grads(lambda o: o.sum(1), pos)  # "b" appears: relearn and start over
     assert calls == [8, 8, 4, 8, 8, 8]
     assert est._site_names == ["a", "b", "c"]
+
+
+def test_sparse_tensors_in_inputs_are_replicated_by_a_custom_hook():
+    class Sparse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x, adj):
+            return torch.sparse.mm(adj, self.lin(x))
+
+    def rep(inputs, k):
+        x, adj = inputs
+        return x.repeat(k, 1), torch.block_diag(*[adj.to_dense()] * k).to_sparse()
+
+    x, adj = torch.randn(4, 3), torch.eye(4).to_sparse()
+    model = Sparse()
+    ulr.LikelihoodRatio(model, num_copies=2, replicate=rep).loss_and_grads(
+        lambda o, y: o.sum(1), (x, adj), torch.zeros(4))
+    assert model.lin.weight.grad is not None

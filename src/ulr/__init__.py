@@ -8,8 +8,8 @@ Noise is injected at chosen sites of any PyTorch model; from noisy forward passe
 from . import baselines, functional, plans, samplers, sites
 from .estimator import LikelihoodRatio, replicate
 from .noise import Gaussian, Laplace, Logistic, Noise, WeightNoise, weight_noise
-from .schedules import NoiseSchedule
 from .samplers import antithetic, iid, sobol
+from .schedules import NoiseSchedule
 from .sites import copy_layout, perturb
 
 __version__ = "0.1.0"

@@ -546,7 +546,8 @@ class LikelihoodRatio:
             rep = replicate(inputs, c)
         else:
             rep = self._replicate_inputs(inputs, c)
-        tiled = {t.data_ptr(): t.numel() for t in _tensors(rep)} if c > 1 and not expand else {}
+        tiled = ({t.data_ptr(): t.numel() for t in _tensors(rep) if t.layout == torch.strided}
+                 if c > 1 and not expand else {})
         snapshot = self._snapshot()
         grad = self._needs_grad and spec is not None and (record or weights is not None)
         while True:
