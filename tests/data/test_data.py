@@ -114,6 +114,8 @@ def test_public_api():
         "mnist1d",
         "adding",
         "sequential-digits",
+        "karate",
+        "sbm",
     ]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import fashion_mnist
+from . import fashion_mnist, graphs
 from ._dataset import Dataset, stratified_split, to_split
 
 _INSTALL_DATA = "pip install -c constraints/cpu.txt 'ulr[data]'"
@@ -236,13 +236,30 @@ def _load_adding(
     )
 
 
-_LOADERS: dict[str, Callable[..., Dataset]] = {
+def _load_karate(*, root: str | Path | None, val_fraction: float, seed: int,
+                 train_per_class: int = 4, num_val: int = 4) -> graphs.GraphDataset:
+    return graphs.load_karate(seed=seed, train_per_class=train_per_class, num_val=num_val)
+
+
+def _load_sbm(*, root: str | Path | None, val_fraction: float, seed: int,
+              **kwargs: object) -> graphs.GraphDataset:
+    return graphs.load_sbm(seed=seed, **kwargs)  # type: ignore[arg-type]
+
+
+_load_sbm.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in ("root", "val_fraction", "seed")]
+    + [p for n, p in inspect.signature(graphs.load_sbm).parameters.items() if n != "seed"]
+)
+
+_LOADERS: dict[str, Callable[..., Dataset | graphs.GraphDataset]] = {
     "digits": _load_digits,
     "mnist-subset": _load_mnist_subset,
     "fashion-mnist": _load_fashion_mnist,
     "mnist1d": _load_mnist1d,
     "adding": _load_adding,
     "sequential-digits": _load_sequential_digits,
+    "karate": _load_karate,
+    "sbm": _load_sbm,
 }
 
 
@@ -283,6 +300,13 @@ def load(
     * ``"sequential-digits"``: the digits read row by row, ``x`` ``[N, 8, 8]`` (8 steps of 8
       features), 10 classes, same example split as ``"digits"``.
 
+    * ``"karate"``, ``"sbm"``: one graph for full-graph node classification, returned as a
+      :class:`ulr.data.graphs.GraphDataset` (``x [N, F]``, ``edge_index [2, E]``, ``y [N]``,
+      boolean node masks; ``ds.train`` is ``((x, adjacency), (y, train_mask))``). Zachary's
+      karate club (34 nodes, 2 factions; kwargs ``train_per_class`` (4), ``num_val`` (4)) and a
+      seeded contextual stochastic block model (3000 nodes, 5 blocks by default; kwargs as in
+      :func:`ulr.data.graphs.load_sbm`). ``val_fraction`` and ``flatten`` do not apply.
+
     Test splits do not depend on ``seed`` (so results over seeds share one test set); the
     train/val split (and the synthetic training data) does. Only local ``numpy`` generators are
     used, never the global RNG.
@@ -321,4 +345,4 @@ def load(
             f"load({key!r}) got unexpected keyword(s) {extra}; it accepts {accepted or 'none'}"
         )
     dataset = loader(root=root, val_fraction=val_fraction, seed=seed, **kwargs)
-    return dataset.flattened() if flatten else dataset
+    return dataset.flattened() if flatten and isinstance(dataset, Dataset) else dataset

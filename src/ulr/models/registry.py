@@ -10,15 +10,21 @@ from typing import Any
 from torch import nn
 
 from ._common import ULRConfig
+from .binary import BinaryMLP, BlackBoxMLP
+from .gnn import GCN
 from .lenet import LeNet5
 from .mlp import MLP
+from .norm import ResNet5BN
 from .resnet import ResNet5
+from .rnn import RecurrentClassifier
+from .snn import SpikingMLP
+from .transformer import TransformerClassifier
 from .vgg import VGG8
 
 
 @dataclass(frozen=True)
 class _Entry:
-    cls: type[nn.Module]
+    cls: Callable[..., nn.Module]
     # Maps a validated in_shape to the constructor's shape arguments, or None if it does not fit.
     shape_kwargs: Callable[[tuple[int, ...]], dict[str, int] | None]
     shapes: str
@@ -44,16 +50,54 @@ def _image_shapes(minimum: int) -> str:
     )
 
 
+def _sequence_kwargs(in_shape: tuple[int, ...]) -> dict[str, int] | None:
+    return {"input_size": in_shape[1]} if len(in_shape) == 2 else None
+
+
+def _transformer_kwargs(in_shape: tuple[int, ...]) -> dict[str, int] | None:
+    return {"in_features": in_shape[1], "max_len": in_shape[0]} if len(in_shape) == 2 else None
+
+
+def _node_kwargs(in_shape: tuple[int, ...]) -> dict[str, int] | None:
+    return {"in_features": in_shape[0]} if len(in_shape) == 1 else None
+
+
+def _recurrent(kind: str) -> Callable[..., nn.Module]:
+    def make(**kwargs: Any) -> nn.Module:
+        return RecurrentClassifier(kind, **kwargs)  # type: ignore[arg-type]
+
+    return make
+
+
+_SEQUENCES = "(T, F) batch-first sequences, e.g. (8, 8) sequential-digits, (50, 2) adding"
+
 _REGISTRY: dict[str, _Entry] = {
     "mlp": _Entry(MLP, _mlp_kwargs, "any shape; inputs are flattened, e.g. (64,) or (1, 28, 28)"),
     "lenet5": _Entry(LeNet5, _image_kwargs(4), _image_shapes(4)),
     "resnet5": _Entry(ResNet5, _image_kwargs(8), _image_shapes(8)),
     "vgg8": _Entry(VGG8, _image_kwargs(8), _image_shapes(8)),
+    "resnet5-bn": _Entry(ResNet5BN, _image_kwargs(8), _image_shapes(8)),
+    "rnn": _Entry(_recurrent("rnn"), _sequence_kwargs, _SEQUENCES),
+    "gru": _Entry(_recurrent("gru"), _sequence_kwargs, _SEQUENCES),
+    "lstm": _Entry(_recurrent("lstm"), _sequence_kwargs, _SEQUENCES),
+    "transformer": _Entry(TransformerClassifier, _transformer_kwargs, _SEQUENCES),
+    "gcn": _Entry(GCN, _node_kwargs, "(F,) features per node, e.g. (34,) karate, (32,) sbm"),
+    "snn": _Entry(SpikingMLP, _mlp_kwargs,
+                  "any shape of intensities in [0, 1]; flattened, e.g. (1, 8, 8) digits"),
+    "binary-mlp": _Entry(BinaryMLP, _mlp_kwargs, "any shape; inputs are flattened"),
+    "blackbox-mlp": _Entry(BlackBoxMLP, _mlp_kwargs, "any shape; inputs are flattened"),
 }
 
 
 def available() -> list[str]:
-    """Names accepted by :func:`build`, sorted: ``["lenet5", "mlp", "resnet5", "vgg8"]``."""
+    """Names accepted by :func:`build`, sorted.
+
+    Image/vector models: ``"mlp"``, ``"lenet5"``, ``"resnet5"``, ``"vgg8"``, ``"resnet5-bn"``
+    (copy-aware BatchNorm), ``"snn"`` (spiking), ``"binary-mlp"`` (binary weights, sign units),
+    ``"blackbox-mlp"`` (a numpy nonlinearity); sequence models ``"rnn"``, ``"gru"``,
+    ``"lstm"``, ``"transformer"``; graph model ``"gcn"`` (see :mod:`ulr.models.gnn` for the
+    replicate hook and the per-node loss it needs).
+    """
     return sorted(_REGISTRY)
 
 

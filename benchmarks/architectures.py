@@ -1,0 +1,318 @@
+"""One estimator for every architecture: ULR next to its backprop reference, per architecture.
+
+For each architecture the same model (same initial weights, same data order, same optimiser)
+is trained twice: by ULR (sites on every parametrised module, antithetic noise, leave-one-out
+baseline, layer-wise passes) and by backprop (BPTT for recurrent nets, surrogate-gradient BPTT
+for the spiking net, a differentiable relaxation for hard thresholds and the numpy black box).
+Writes ``architectures-cpu.json`` and ``architectures-cpu.md`` (test accuracy, or test MSE for
+the adding problem; wall time; seeds).
+
+    python benchmarks/architectures.py                    # all, ~1 h on 2 CPU cores
+    python benchmarks/architectures.py --only lstm gcn-sbm
+    python benchmarks/architectures.py --smoke            # tiny, for CI
+"""
+
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import ulr
+from ulr.models import gnn
+from ulr.models.binary import zero_one_loss
+
+
+def ce(out: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def mse(out: Tensor, y: Tensor) -> Tensor:
+    return (out[:, 0] - y).square()
+
+
+@dataclass
+class Task:
+    """One architecture on one dataset: how to build the ULR model and its BP reference."""
+
+    arch: str
+    data: str
+    model: str
+    ulr_kwargs: dict[str, Any] = field(default_factory=dict)  # model kwargs for the ULR run
+    bp_kwargs: dict[str, Any] = field(default_factory=dict)  # model kwargs for the reference
+    reference: str = "backprop"
+    data_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 30
+    bp_epochs: int | None = None
+    lr: float = 3e-3
+    batch: int = 64
+    sigma: float = 0.05
+    copies: int = 32
+    loss: str = "ce"  # "ce", "mse" or "zero-one" (ULR only; BP then trains on CE)
+    sites: Any = None
+    groups: list[list[str]] | None = None  # layerwise site groups (default: one pass per site)
+    schedule: str = "constant"  # or "cosine": cosine annealing of the lr over all steps
+    easy: bool = True  # the floor "within 5 points of the reference" applies
+
+
+_BLOCK_GROUPS = [["embed", "embed.proj"], ["blocks.*.norm1", "blocks.*.attn.*"],
+                 ["blocks.*.norm2", "blocks.*.fc1", "blocks.*.fc2"], ["norm", "head"]]
+
+TASKS: dict[str, Task] = {
+    "rnn": Task("RNN (Elman), cells", "sequential-digits", "rnn",
+                {"hidden_size": 64}, {"hidden_size": 64}, "BPTT", epochs=40, copies=16,
+                schedule="cosine"),
+    "gru": Task("GRU, cells", "sequential-digits", "gru",
+                {"hidden_size": 64}, {"hidden_size": 64}, "BPTT", epochs=40, copies=16,
+                schedule="cosine"),
+    "lstm": Task("LSTM, cells", "sequential-digits", "lstm",
+                 {"hidden_size": 32}, {"hidden_size": 32}, "BPTT", epochs=40, copies=16,
+                schedule="cosine"),
+    "lstm-adding": Task("LSTM, cells", "adding", "lstm", {"hidden_size": 32},
+                        {"hidden_size": 32}, "BPTT", {"seq_len": 20, "n_train": 4000},
+                        epochs=10, copies=16, loss="mse", easy=False),
+    "gcn-karate": Task("GCN", "karate", "gcn", epochs=100, lr=0.01, sigma=0.1, copies=64),
+    "gcn-sbm": Task("GCN", "sbm", "gcn", epochs=100, lr=0.01, sigma=0.1, copies=32),
+    "snn": Task("SNN (LIF, Heaviside spike)", "digits", "snn", {"hidden": (128,)},
+                {"hidden": (128,), "surrogate": "fast-sigmoid"}, "surrogate-gradient BPTT",
+                epochs=15, sigma=0.1, copies=16),
+    "transformer": Task("Transformer encoder", "sequential-digits", "transformer",
+                        {"d_model": 32}, {"d_model": 32}, epochs=15, copies=16,
+                        groups=_BLOCK_GROUPS),
+    "resnet5-bn": Task("ResNet-5 + CopyBatchNorm", "digits", "resnet5-bn", epochs=10,
+                       sigma=0.1, copies=16),
+    "binary-mlp": Task("binary weights + sign units", "digits", "binary-mlp",
+                       {"hidden": (256,)}, {"hidden": (256,), "relaxation": "ste"},
+                       "BP, straight-through", epochs=20, sigma=0.3),
+    "binary-mlp-01": Task("binary weights + sign units, 0-1 loss", "digits", "binary-mlp",
+                          {"hidden": (256,)}, {"hidden": (256,), "relaxation": "ste"},
+                          "BP, straight-through, CE", epochs=20, sigma=0.5, loss="zero-one"),
+    "blackbox-mlp": Task("numpy black box (4-bit tanh table)", "digits", "blackbox-mlp",
+                         {"hidden": 128}, {"hidden": 128, "relaxation": "tanh"},
+                         "BP, tanh relaxation", epochs=20, sigma=0.1),
+}
+
+
+def _estimator(model: nn.Module, task: Task, seed: int, **kwargs: Any) -> ulr.LikelihoodRatio:
+    return ulr.LikelihoodRatio(
+        model, sites=task.sites, noise=ulr.Gaussian(task.sigma), num_copies=task.copies,
+        sampler=ulr.antithetic(), baseline=ulr.baselines.leave_one_out(),
+        plan=ulr.plans.layerwise(task.groups), generator=torch.Generator().manual_seed(seed),
+        **kwargs)
+
+
+@torch.no_grad()
+def _score(model: nn.Module, x: Tensor, y: Tensor, regression: bool) -> float:
+    model.eval()
+    outs = torch.cat([model(x[i:i + 512]) for i in range(0, len(x), 512)])
+    model.train()
+    if regression:
+        return float(mse(outs, y).mean())
+    return float((outs.argmax(1) == y).float().mean())
+
+
+def _train_batches(task: Task, ds: Any, model: nn.Module, method: str, epochs: int, seed: int,
+                   smoke: bool) -> None:
+    (x, y) = ds.train
+    opt = torch.optim.Adam(model.parameters(), lr=task.lr)
+    row_loss = {"ce": ce, "mse": mse, "zero-one": zero_one_loss}[task.loss]
+    est = _estimator(model, task, seed) if method == "ulr" else None
+    order = torch.Generator().manual_seed(seed)
+    steps = epochs * -(-len(x) // task.batch)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+             if task.schedule == "cosine" else None)
+    clip = getattr(model, "clip_", None)
+    for _ in range(epochs):
+        for i, (xb, yb) in enumerate(ulr.data.batches(x, y, task.batch, shuffle=True,
+                                                      generator=order)):
+            opt.zero_grad(set_to_none=True)
+            if est is not None:
+                est.loss_and_grads(row_loss, xb, yb)
+            else:
+                (mse if task.loss == "mse" else ce)(model(xb), yb).mean().backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            if clip is not None:
+                clip()
+            if smoke:
+                break
+
+
+def _train_graph(task: Task, ds: Any, model: nn.Module, method: str, epochs: int, seed: int
+                 ) -> None:
+    (x, adj), (y, mask) = ds.train
+    opt = torch.optim.Adam(model.parameters(), lr=task.lr, weight_decay=5e-4)
+    if method == "ulr":
+        est = _estimator(model, task, seed, replicate=gnn.tile_graph)
+        loss = gnn.NodeLoss(adj, hops=model.loss_hops)
+    for _ in range(epochs):
+        opt.zero_grad(set_to_none=True)
+        if method == "ulr":
+            est.loss_and_grads(loss, (x, adj), (y, mask))
+        else:
+            (ce(model(x, adj), y) * mask).sum().div(mask.sum()).backward()
+        opt.step()
+
+
+def run_task(key: str, task: Task, seed: int, smoke: bool, epochs_override: int | None = None,
+             methods: tuple[str, ...] = ("ulr", "bp")) -> list[dict[str, Any]]:
+    if smoke:
+        task = replace(task, copies=4, batch=16)
+    data_kwargs = dict(task.data_kwargs)
+    if smoke and task.data == "adding":
+        data_kwargs.update(n_train=128, n_val=32, n_test=64)
+    if smoke and task.data == "sbm":
+        data_kwargs.update(num_nodes=300, num_val=50, num_test=100)
+    ds = ulr.data.load(task.data, seed=seed, **data_kwargs)
+    graph = task.data in ("karate", "sbm")
+    regression = getattr(ds, "task", "") == "regression"
+    outputs = 1 if regression else ds.num_classes
+    rows = []
+    for method, kwargs in (("ulr", task.ulr_kwargs), ("bp", task.bp_kwargs)):
+        if method not in methods:
+            continue
+        torch.manual_seed(seed)
+        model = ulr.models.build(task.model, in_shape=ds.input_shape, num_classes=outputs,
+                                 **kwargs)
+        epochs = task.epochs if method == "ulr" else (task.bp_epochs or task.epochs)
+        if smoke:
+            epochs = 1 if not graph else 2
+        elif epochs_override:
+            epochs = epochs_override
+        t0 = time.perf_counter()
+        if graph:
+            _train_graph(task, ds, model, method, epochs, seed)
+            (x, adj), (y, mask) = ds.test
+            with torch.no_grad():
+                pred = model(x, adj).argmax(1)
+            value = float((pred[mask] == y[mask]).float().mean())
+        else:
+            _train_batches(task, ds, model, method, epochs, seed, smoke)
+            value = _score(model, *ds.test, regression)
+        wall = time.perf_counter() - t0
+        chance = (1 / 6 if regression else _graph_chance(ds) if graph else
+                  float(torch.bincount(ds.test[1]).max()) / len(ds.test[1]))
+        rows.append({
+            "task": key, "arch": task.arch, "data": task.data, "model": task.model,
+            "method": "ULR" if method == "ulr" else task.reference,
+            "metric": "test MSE" if regression else "test accuracy",
+            "value": value, "chance": chance, "epochs": epochs, "wall_s": wall, "seed": seed,
+            "model_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
+            "loss": task.loss if method == "ulr" else ("mse" if task.loss == "mse" else "ce"),
+            "ulr": ({"sigma": task.sigma, "num_copies": task.copies, "sampler": "antithetic",
+                     "baseline": "leave_one_out", "plan": "layerwise", "groups": task.groups,
+                     "lr": task.lr, "schedule": task.schedule, "batch": task.batch}
+                    if method == "ulr" else {"lr": task.lr, "schedule": task.schedule,
+                                             "batch": task.batch}),
+        })
+        print(f"{key:14s} {rows[-1]['method']:28s} {rows[-1]['metric']} {value:.4f} "
+              f"({wall:.0f} s)", flush=True)
+    return rows
+
+
+def time_graph_copies(smoke: bool, repeats: int = 5) -> list[dict[str, Any]]:
+    """Seconds per ULR gradient of a 2-layer GCN on the SBM graph with the K copies made by
+    a shared adjacency (tile_graph) or a block-diagonal one (block_diagonal_graph)."""
+    kwargs = {"num_nodes": 300, "num_val": 50, "num_test": 100} if smoke else {}
+    ds = ulr.data.load("sbm", **kwargs)
+    (x, adj), (y, mask) = ds.train
+    rows = []
+    for k in ([4] if smoke else [8, 32, 128]):
+        for name, hook in (("shared adjacency (tile_graph)", gnn.tile_graph),
+                           ("block-diagonal adjacency", gnn.block_diagonal_graph)):
+            torch.manual_seed(0)
+            model = gnn.GCN(ds.input_shape[0], ds.num_classes)
+            est = ulr.LikelihoodRatio(model, noise=ulr.Gaussian(0.1), num_copies=k,
+                                      sampler=ulr.antithetic(), replicate=hook,
+                                      generator=torch.Generator().manual_seed(0))
+            loss = gnn.NodeLoss(adj, hops=1)
+            times = []
+            for _ in range(1 if smoke else repeats + 1):
+                t0 = time.perf_counter()
+                est.loss_and_grads(loss, (x, adj), (y, mask))
+                times.append(time.perf_counter() - t0)
+            rows.append({"copies": k, "replicate": name, "nodes": ds.num_nodes,
+                         "seconds": sorted(times[1:] or times)[len(times[1:] or times) // 2]})
+            print(f"graph copies K={k:4d} {name:32s} {rows[-1]['seconds'] * 1e3:8.1f} ms",
+                  flush=True)
+    return rows
+
+
+def _graph_chance(ds: Any) -> float:
+    y, mask = ds.y[ds.test_mask], ds.test_mask
+    return float(torch.bincount(y).max()) / int(mask.sum())
+
+
+def to_markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
+    lines = [
+        f"Machine: {env['machine']}; torch {env['torch']}, {env['threads']} threads; "
+        f"seeds {env['seeds']}. Command: `{env['command']}`.",
+        "",
+        "| task | architecture | data | method | metric | result | chance | epochs (lr) | "
+        "wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        pct = r["metric"] == "test accuracy"
+        val = f"{100 * r['value']:.1f}%" if pct else f"{r['value']:.4f}"
+        chance = f"{100 * r['chance']:.0f}%" if pct else f"{r['chance']:.3f}"
+        sched = r["ulr"].get("schedule", "constant")
+        lines.append(f"| {r['task']} | {r['arch']} | {r['data']} | {r['method']} | {r['metric']} "
+                     f"| {val} | {chance} | {r['epochs']} ({sched}) | {r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", nargs="*", default=None, choices=sorted(TASKS))
+    p.add_argument("--seeds", type=int, nargs="*", default=[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="docs/results")
+    p.add_argument("--epochs", type=int, default=None, help="override every task's epochs")
+    p.add_argument("--methods", nargs="*", default=["ulr", "bp"], choices=["ulr", "bp"])
+    p.add_argument("--graph-copies", action="store_true",
+                   help="only time the two ways of replicating a graph")
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.graph_copies or args.smoke:
+        grows = time_graph_copies(args.smoke)
+        name = "architectures-graph-copies" + ("-smoke" if args.smoke else "")
+        (out / f"{name}.json").write_text(json.dumps(grows, indent=1))
+        lines = ["| copies K | replication | nodes | ms per ULR gradient |", "|---|---|---|---|"]
+        lines += [f"| {r['copies']} | {r['replicate']} | {r['nodes']} | "
+                  f"{1e3 * r['seconds']:.1f} |" for r in grows]
+        (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+        if args.graph_copies:
+            return grows
+    keys = args.only or list(TASKS)
+    if args.smoke:
+        keys = args.only or ["rnn", "gcn-karate", "snn", "blackbox-mlp"]
+    rows = []
+    for seed in args.seeds:
+        for key in keys:
+            rows.extend(run_task(key, TASKS[key], seed, args.smoke, args.epochs,
+                                 tuple(args.methods)))
+    env = {"machine": f"{platform.processor() or platform.machine()}, "
+                      f"{torch.get_num_threads()} threads, CPU",
+           "torch": torch.__version__, "threads": args.threads, "seeds": args.seeds,
+           "command": "python benchmarks/architectures.py" + (
+               f" --only {' '.join(args.only)}" if args.only else "")}
+    name = "architectures-smoke" if args.smoke else "architectures-cpu"
+    (out / f"{name}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    (out / f"{name}.md").write_text(to_markdown(rows, env))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
