@@ -184,7 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run directories, or comparison directories holding runs")
     plot.add_argument("--out", metavar="DIR",
                       help="where the PNGs go (default: the first RUN directory)")
+
+    # Everything after `bench` goes to ulr.bench.main, which has its own parser and --help.
+    bench = sub.add_parser("bench", add_help=False, prefix_chars="\0",
+                           help="benchmark ULR against backprop, ES, SPSA/MeZO and forward "
+                                "gradient (ulr bench --help)")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    command = {"train": _train, "compare": _compare, "plot": _plot}[args.command]
+    command = {"train": _train, "compare": _compare, "plot": _plot,
+               "bench": _bench}[args.command]
     from .train import CheckpointError
 
     try:

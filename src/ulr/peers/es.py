@@ -1,0 +1,129 @@
+"""Evolution strategies on the weights (OpenAI-ES / EvoTorch-style search gradient)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ._common import check_positive_float, check_positive_int, draw_seeds
+from ._zeroth import WeightPerturbation
+from .shaping import Shaping, centered_ranks
+
+__all__ = ["EvolutionStrategies"]
+
+_DEFAULT = object()
+
+
+class EvolutionStrategies(WeightPerturbation):
+    r"""Gaussian evolution strategies: a search-gradient estimate from perturbed *weights*.
+
+    A population of ``P`` weight vectors ``θ + σ ε_i`` (``ε_i ~ N(0, I)`` over all trainable
+    parameters) is evaluated on the same batch; member ``i``'s fitness is its mean loss
+    ``L_i`` over the ``B`` rows. With fitness shaping ``u = shaping(L)`` the estimate is
+
+    .. math::
+        \hat g = \frac{1}{P\,σ} \sum_{i=1}^{P} u_i\, ε_i,
+
+    and with antithetic (mirrored) pairs ``ε_{i}, -ε_{i}`` the pair terms combine to
+    :math:`\frac{1}{Pσ}\sum_{pairs} (u_i^+ - u_i^-)\, ε_i`.
+
+    * ``shaping=None`` (raw losses): unbiased for the gradient of the Gaussian-smoothed loss
+      :math:`F_σ(θ) = E_ε[L(θ + σε)]` (Stein's lemma); ``F_σ = L + O(σ²)``, and
+      :math:`\nabla F_σ = \nabla L` exactly when ``L`` is quadratic in ``θ``. Antithetic +
+      raw is the same estimator as :class:`ulr.peers.SPSA` with Gaussian directions.
+    * ``shaping=centered_ranks()`` (default, as OpenAI-ES): biased — the estimate follows the
+      gradient direction (for a linear loss ``E[ĝ] ∝ ∇L``) but its scale is that of ranks, not
+      of the loss; use an adaptive optimizer (Adam) or tune the learning rate.
+
+    Memory = inference: the noise is never stored. Member ``i`` is named by a seed from
+    ``generator``; each parameter's noise is regenerated from it (:func:`weight_noise`) while
+    its module runs and again when ``ĝ`` is accumulated. The weights are restored bit-exactly.
+
+    Cost: ``P`` forward passes of ``B`` rows per call (``last_forward_rows = P·B``), run one
+    after another; no backward pass, no activation storage.
+
+    Args:
+        model: the network; only its trainable parameters (not excluded) are perturbed.
+        sigma: standard deviation ``σ`` of the weight noise (same for every parameter).
+        population: ``P``, the number of perturbed evaluations per call (even if
+            ``antithetic``).
+        antithetic: mirrored sampling, ``P/2`` pairs ``(+ε, -ε)``.
+        shaping: a :mod:`ulr.peers.shaping` object, or ``None`` for raw losses. Default:
+            :func:`~ulr.peers.shaping.centered_ranks`.
+        generator: the only source of randomness (seeds of the members); default: one seeded
+            from a single draw of torch's global RNG.
+        exclude: parameter names (wildcards allowed) left without a gradient.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> from torch import nn
+        >>> from ulr.peers import EvolutionStrategies
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> es = EvolutionStrategies(model, sigma=0.02, population=16,
+        ...                          generator=torch.Generator().manual_seed(0))
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> loss = es.loss_and_grads(lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y)
+        >>> model[0].weight.grad.shape, es.last_forward_rows
+        (torch.Size([8, 4]), 128)
+
+    References:
+        Salimans, Ho, Chen, Sidor, Sutskever. *Evolution Strategies as a Scalable Alternative
+        to Reinforcement Learning.* arXiv:1703.03864, 2017.
+        Wierstra, Schaul, Glasmachers, Sun, Peters, Schmidhuber. *Natural Evolution
+        Strategies.* JMLR 15, 2014. Toklu et al. *EvoTorch.* arXiv:2302.12600, 2023.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        sigma: float = 0.02,
+        population: int = 32,
+        antithetic: bool = True,
+        shaping: Shaping | None = _DEFAULT,  # type: ignore[assignment]
+        generator: torch.Generator | None = None,
+        exclude: Iterable[str] = (),
+    ) -> None:
+        self.sigma = check_positive_float("sigma", sigma)
+        self.antithetic = bool(antithetic)
+        self.population = check_positive_int("population", population, even=self.antithetic)
+        if shaping is _DEFAULT:
+            shaping = centered_ranks()
+        if shaping is not None and not isinstance(shaping, Shaping):
+            raise TypeError(f"shaping must be a ulr.peers.shaping object such as "
+                            f"centered_ranks(), or None for raw losses; got {shaping!r}")
+        self.shaping = shaping
+        super().__init__(model, distribution="gaussian", generator=generator, exclude=exclude)
+
+    def _members(self, rows):
+        if self.antithetic:
+            seeds = draw_seeds(self.generator, self.population // 2)
+            return seeds, [(s, sign * self.sigma) for s in seeds for sign in (1.0, -1.0)]
+        seeds = draw_seeds(self.generator, self.population)
+        return seeds, [(s, self.sigma) for s in seeds]
+
+    def _coefficients(self, losses: Tensor, seeds):
+        u = losses if self.shaping is None else self.shaping(losses.float()).double()
+        scale = 1.0 / (self.population * self.sigma)
+        if self.antithetic:
+            u = u.view(-1, 2)
+            return ((u[:, 0] - u[:, 1]) * scale).tolist()
+        return (u * scale).tolist()
+
+    def state_dict(self):
+        """Generator state and the shaping's state (for exact resumption)."""
+        state = super().state_dict()
+        state["shaping"] = {} if self.shaping is None else self.shaping.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        """Restore what :meth:`state_dict` returned."""
+        super().load_state_dict(state)
+        if self.shaping is not None:
+            self.shaping.load_state_dict(state.get("shaping", {}))
+
+    def __repr__(self) -> str:
+        return (f"EvolutionStrategies(sigma={self.sigma}, population={self.population}, "
+                f"antithetic={self.antithetic}, shaping={self.shaping!r})")
