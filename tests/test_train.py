@@ -241,3 +241,15 @@ def test_unsupported_dataset_kind_is_refused(monkeypatch):
     monkeypatch.setattr(ulr.train, "_dataset", lambda *args: GraphLike())
     with pytest.raises(ValueError, match="GraphLike.*ulr train handles.*digits"):
         fit(tiny(max_steps=1))
+
+
+def test_recommended_weight_noise_reaches_the_estimator():
+    """ResNet-5's recommended config puts weight noise on conv1/conv2 and output noise after."""
+    import ulr
+    from ulr.train import _estimator
+
+    model = ulr.models.build("resnet5", in_shape=(1, 8, 8), num_classes=10)
+    est = _estimator(tiny(model="resnet5", recommended=True), model, torch.device("cpu"))
+    kinds = {s.name: s.weight_noise for s in est._module_sites.values()}
+    assert kinds == {"conv1": True, "conv2": True, "conv3": False, "conv4": False, "fc": False}
+    assert est._module_sites[model.conv1].noise.sigma == 1e-3
