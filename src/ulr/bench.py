@@ -963,6 +963,7 @@ def _plots(result: dict[str, Any], out: Path) -> dict[str, Path]:
         axes[0].set_xlabel("training CPU seconds")
         axes[1].set_xlabel("forward rows")
         axes[1].set_xscale("log")
+        axes[1].xaxis.set_minor_formatter(NullFormatter())
         for ax in axes:
             ax.set_ylabel("test accuracy")
             ax.grid(alpha=0.3)

@@ -13,7 +13,12 @@ from .shaping import Shaping, centered_ranks
 
 __all__ = ["EvolutionStrategies"]
 
-_DEFAULT = object()
+class _DefaultShaping:
+    def __repr__(self) -> str:  # how the default shows in help() and signatures
+        return "centered_ranks()"
+
+
+_DEFAULT = _DefaultShaping()
 
 
 class EvolutionStrategies(WeightPerturbation):
