@@ -27,7 +27,8 @@ def test_help_lists_every_option(capsys):
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     for key in keys():
-        flag = "--model-arg" if key == "model_args" else "--" + key.replace("_", "-")
+        flag = "--" + key.replace("_", "-")
+        flag = flag[:-1] if key.endswith("_args") else flag
         assert flag in out, flag
     for text in ("--config", "--resume", "--out", "--quiet", "(default: ulr bp)",
                  "(default: 32)", "3e-3 for ulr", "lenet5"):
@@ -49,7 +50,7 @@ def test_no_command_prints_help(capsys):
     (["--model", "resnet50"], ["invalid choice: 'resnet50'", "lenet5", "mlp", "vgg8"]),
     (["--data", "cifar10"], ["invalid choice", "digits", "fashion-mnist"]),
     (["--noise", "cauchy"], ["invalid choice", "gaussian", "laplace"]),
-    (["--method", "es"], ["invalid choice", "ulr", "bp"]),
+    (["--method", "mezo"], ["invalid choice", "ulr", "bp", "es", "spsa", "forward-gradient"]),
 ])
 def test_unknown_names_list_the_valid_ones(capsys, args, words):
     with pytest.raises(SystemExit) as exit_:
@@ -203,3 +204,35 @@ def test_ctrl_c_in_a_comparison_then_resume(tmp_path, capsys, monkeypatch):
             return [(r["step"], r.get("loss"), r.get("test_acc")) for r in rows
                     if r["kind"] in ("step", "epoch")]
         assert table(cut) == table(tmp_path / "straight")
+
+
+def test_peer_methods_with_per_method_arguments(tmp_path):
+    """--method takes the peers of ulr.peers; --method-arg PEER.KEY=VALUE configures each,
+    also layered over a config file's [method_args.PEER] tables."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('epochs = 1\n[method_args.es]\npopulation = 8\nsigma = 0.05\n')
+    out = tmp_path / "cmp"
+    assert main(["train", "--config", str(cfg), "--method", "es", "spsa", "--max-steps", "2",
+                 "--method-arg", "es.population=4", "--method-arg", "spsa.num_directions=3",
+                 *FAST, "--out", str(out)]) == 0
+    es, spsa = config_of(out / "es"), config_of(out / "spsa")
+    assert es["method_args"] == {"population": 4, "sigma": 0.05}
+    assert spsa["method_args"] == {"num_directions": 3}
+    # ES: population x batch rows per step; SPSA: two rows per direction and example.
+    rows = [json.loads(line) for line in (out / "es" / "metrics.jsonl").read_text().splitlines()]
+    batch = es["batch_size"]
+    assert [r["forward_rows"] for r in rows if r["kind"] == "step"] == [4 * batch] * 2
+    rows = [json.loads(line) for line in (out / "spsa" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["forward_rows"] for r in rows if r["kind"] == "step"] == [6 * batch] * 2
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--method", "ulr", "--method-arg", "population=4"], "configure the peer estimators"),
+    (["--method", "es", "--method-arg", "eps=0.1"], "es takes no argument ['eps']"),
+    (["--method", "es", "--method-arg", "spsa.eps=0.1"], "table for ['spsa']"),
+    (["--method", "es", "--method-arg", "population"], "needs KEY=VALUE"),
+])
+def test_bad_method_arguments_are_explained(tmp_path, capsys, argv, words):
+    assert main(["train", *argv, *FAST, "--out", str(tmp_path / "x")]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -127,3 +127,40 @@ def test_parse_value():
     assert parse_value('"tanh"') == "tanh"
     assert parse_value("tanh") == "tanh"
     assert parse_value("true") is True
+
+
+def test_method_args_go_to_their_peer():
+    values = check_values({"method": ["ulr", "es", "spsa"],
+                           "method_args": {"ES": {"population": 8}, "num_directions": 2,
+                                           "spsa": {"eps": 0.01}}}, "test")
+    with pytest.raises(ConfigError, match="es takes no argument \\['num_directions'\\]"):
+        configs_from_values(values)  # flat keys go to every peer of the list
+    del values["method_args"]["num_directions"]
+    ulr, es, spsa = configs_from_values(values)
+    assert ulr.method_args == {}
+    assert es.method_args == {"population": 8}
+    assert spsa.method_args == {"eps": 0.01}
+    [es] = configs_from_values({"method": "es", "method_args": {"population": 4}})
+    assert es.method_args == {"population": 4} and es.resolved_lr == 3e-3
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"method": "ulr", "method_args": {"population": 4}}, "configure the peer estimators"),
+    ({"method": "bp", "method_args": {"bp": {"x": 1}}}, "not a peer estimator"),
+    ({"method": ["es"], "method_args": {"spsa": {"eps": 1.0}}}, "table for ['spsa']"),
+    ({"method": "forward-gradient", "method_args": {"tangents": 2}},
+     "takes no argument ['tangents']; it takes num_tangents"),
+    ({"method": "es", "method_args": {"es": {"a": {"b": 1}}}}, "nest one level only"),
+    ({"method": "es", "method_args": {"pop size": 3}}, "keys must be argument names"),
+])
+def test_bad_method_args_are_named(values, words):
+    with pytest.raises(ConfigError) as err:
+        configs_from_values(values)
+    assert words in str(err.value)
+
+
+def test_method_args_round_trip(tmp_path):
+    config = RunConfig(method="spsa", method_args={"num_directions": 4, "eps": 1e-2})
+    path = write(tmp_path, to_toml(config))
+    [again] = configs_from_values(load_toml(path))
+    assert again == config

@@ -116,7 +116,7 @@ def test_ulr_and_bp_start_from_the_same_weights(tmp_path):
     assert_same_weights(weights(tmp_path / "ulr"), weights(tmp_path / "bp"))
 
 
-@pytest.mark.parametrize("method", ["ulr", "bp"])
+@pytest.mark.parametrize("method", ["ulr", "bp", "es", "spsa", "forward-gradient"])
 def test_resume_one_plus_one_epochs_equals_two(tmp_path, method):
     fit(tiny(method=method, schedule="step", step_size=1, gamma=0.5), tmp_path / "straight")
     fit(tiny(method=method, schedule="step", step_size=1, gamma=0.5, epochs=1),
@@ -253,3 +253,19 @@ def test_recommended_weight_noise_reaches_the_estimator():
     kinds = {s.name: s.weight_noise for s in est._module_sites.values()}
     assert kinds == {"conv1": True, "conv2": True, "conv3": False, "conv4": False, "fc": False}
     assert est._module_sites[model.conv1].noise.sigma == 1e-3
+
+
+@pytest.mark.parametrize("method, args, rows_per_example", [
+    ("es", {"population": 6}, 6),
+    ("spsa", {"num_directions": 2}, 4),
+    ("forward-gradient", {"num_tangents": 3}, 3),
+])
+def test_peer_methods_train_under_the_same_loop(method, args, rows_per_example):
+    summary = fit(tiny(method=method, method_args=args, max_steps=3))
+    assert summary["forward_rows"] == 3 * rows_per_example * 128
+
+
+def test_peer_method_learns_digits():
+    """ES (the cheapest peer per step here) learns digits far above chance in 3 epochs."""
+    summary = fit(tiny(method="es", method_args={"population": 16}, epochs=3, batch_size=32))
+    assert summary["final"]["test_acc"] > 0.5

@@ -75,9 +75,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help_text = f"{meta['help']} (default: {_default_text(name, meta)})"
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if name == "method":
-            kw.update(nargs="+", type=_norm, choices=METHODS, metavar="{ulr,bp}")
-        elif name == "model_args":
-            flag = "--model-arg"
+            kw.update(nargs="+", type=_norm, choices=METHODS,
+                      metavar="{" + ",".join(METHODS) + "}")
+        elif name in ("model_args", "method_args"):
+            flag = flag[:-1]  # --model-arg, --method-arg: one KEY=VALUE per flag
             kw.update(action="append", metavar="KEY=VALUE")
         elif name == "sites":
             kw.update(nargs="+", metavar="NAME")
@@ -212,25 +213,38 @@ class _Planned:
 
 def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """The run options given on the command line, checked like config-file values."""
-    given = {k: v for k, v in vars(args).items() if k in keys() and k != "model_args"}
+    tables = {"model_args": "'hidden=[256,128]'", "method_args": "es.population=64"}
+    given = {k: v for k, v in vars(args).items() if k in keys() and k not in tables}
     values = check_values(given, "command line")
-    if getattr(args, "model_args", None):
-        model_args = {}
-        for item in args.model_args:
+    for name, example in tables.items():
+        items = getattr(args, name, None)
+        if not items:
+            continue
+        flag = "--" + name[:-1].replace("_", "-")
+        table: dict[str, Any] = {}
+        for item in items:
             key, sep, text = item.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"command line: --model-arg needs KEY=VALUE, got {item!r}, "
-                                  f"e.g. --model-arg 'hidden=[256,128]'")
-            model_args[key.strip()] = parse_value(text.strip())
-        values["model_args"] = check_values({"model_args": model_args},
-                                            "command line")["model_args"]
+            key = key.strip()
+            if not sep or not key:
+                raise ConfigError(f"command line: {flag} needs KEY=VALUE, got {item!r}, "
+                                  f"e.g. {flag} {example}")
+            method, dot, arg = key.rpartition(".")
+            if dot and name == "method_args":
+                table.setdefault(method, {})[arg] = parse_value(text.strip())
+            else:
+                table[key] = parse_value(text.strip())
+        values[name] = check_values({name: table}, "command line")[name]
     return values
 
 
 def _layer(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     merged = {**base, **top}
-    if "model_args" in base and "model_args" in top:
-        merged["model_args"] = {**base["model_args"], **top["model_args"]}
+    for name in ("model_args", "method_args"):
+        if name in base and name in top:
+            merged[name] = {**base[name], **top[name]}
+            for key, value in top[name].items():
+                if isinstance(value, dict) and isinstance(base[name].get(key), dict):
+                    merged[name][key] = {**base[name][key], **value}
     return merged
 
 

@@ -5,18 +5,22 @@ optimiser, schedule, budget, seed and device. Every field is also a key of a con
 ``--flag`` of ``ulr train`` (underscores become dashes); the field metadata below is the single
 source of the help texts, the choices and the checks of both.
 
-A config file is flat TOML; ``method`` may list several methods, each becoming one run, and the
-``[model_args]`` table passes extra keyword arguments to the model constructor::
+A config file is flat TOML; ``method`` may list several methods, each becoming one run, the
+``[model_args]`` table passes extra keyword arguments to the model constructor and
+``[method_args]`` (or ``[method_args.es]`` per method) those of a peer estimator::
 
     model = "mlp"
     data = "digits"
-    method = ["ulr", "bp"]
+    method = ["ulr", "bp", "es"]
     num_copies = 32
     sigma = 0.1
     lr = 3e-3
 
     [model_args]
     hidden = [256, 128]
+
+    [method_args.es]
+    population = 64
 
 Example:
     >>> from ulr.config import RunConfig, configs_from_values
@@ -47,6 +51,7 @@ __all__ = [
     "ConfigError",
     "RunConfig",
     "METHODS",
+    "PEERS",
     "DEFAULT_LR",
     "check_values",
     "configs_from_values",
@@ -57,9 +62,12 @@ __all__ = [
     "to_toml",
 ]
 
-METHODS = ("ulr", "bp")
-#: Learning rate of each method when ``lr`` is not set (the verified digits/MLP setting).
-DEFAULT_LR = {"ulr": 3e-3, "bp": 1e-3}
+#: The peer estimators of :mod:`ulr.peers` that ``method`` accepts besides ``ulr`` and ``bp``.
+PEERS = ("es", "spsa", "forward-gradient")
+METHODS = ("ulr", "bp", *PEERS)
+#: Learning rate of each method when ``lr`` is not set: the verified digits/MLP setting for ulr
+#: and bp, the peers' tuned rates on the MLP from docs/results/peers-report.md.
+DEFAULT_LR = {"ulr": 3e-3, "bp": 1e-3, "es": 3e-3, "spsa": 1e-3, "forward-gradient": 1e-3}
 
 
 class ConfigError(ValueError):
@@ -140,8 +148,17 @@ class RunConfig:
     method: str = field(default="ulr", metadata=_meta(
         "method and estimator",
         "ulr: likelihood-ratio gradients from noisy forward passes only; bp: ordinary "
-        "backpropagation. Several methods train one after another from the same seed (same "
-        "initial weights and data order) and are compared in a table.", choices=METHODS))
+        "backpropagation; es, spsa, forward-gradient: the peer estimators of ulr.peers "
+        "(evolution strategies, SPSA/MeZO, forward gradient; options via --method-arg). "
+        "Several methods train one after another from the same seed (same initial weights "
+        "and data order) and are compared in a table.", choices=METHODS))
+    method_args: dict[str, Any] = field(default_factory=dict, metadata=_meta(
+        "method and estimator",
+        "Keyword argument of a peer estimator, as KEY=VALUE with a TOML value: es takes "
+        "sigma, population, antithetic; spsa eps, num_directions, perturbation; "
+        "forward-gradient num_tangents. With several methods, prefix the method: "
+        "es.population=64. In a config file: a [method_args] table (or [method_args.es]). "
+        "ulr is set by its own options (--num-copies, --sigma, ...).", metavar="KEY=VALUE"))
     num_copies: int = field(default=32, metadata=_meta(
         "method and estimator",
         "Noise copies K per example and pass. Variance falls like 1/K and cost rises like K; "
@@ -204,7 +221,8 @@ class RunConfig:
         choices=("adam", "adamw", "sgd")))
     lr: float | None = field(default=None, metadata=_meta(
         "optimisation", "Learning rate (the defaults suit Adam on digits).",
-        check=_positive, rule="> 0", default_text="3e-3 for ulr, 1e-3 for bp"))
+        check=_positive, rule="> 0",
+        default_text="3e-3 for ulr and es, 1e-3 for bp, spsa and forward-gradient"))
     momentum: float = field(default=0.9, metadata=_meta(
         "optimisation", "SGD momentum (sgd only).", check=_at_least(0), rule=">= 0"))
     weight_decay: float = field(default=0.0, metadata=_meta(
@@ -262,6 +280,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name), "RunConfig"))
+        object.__setattr__(self, "method_args", _own_method_args(self.method, self.method_args))
         if self.method == "ulr" and self.memory == "chunked" and self.chunk_size is None:
             raise ConfigError("memory='chunked' needs chunk_size (copies per chunk)")
         if self.method == "ulr" and "sobol" in self.sampler and self.baseline == "leave-one-out":
@@ -301,9 +320,9 @@ class RunConfig:
 _FIELDS = {f.name: f for f in fields(RunConfig)}
 _TYPES = {
     "model": str, "model_args": dict, "data": str, "data_dir": str, "val_fraction": float,
-    "method": str, "num_copies": int, "noise": str, "sigma": float, "sampler": str,
-    "baseline": str, "baseline_decay": float, "plan": str, "sites": list, "recommended": bool,
-    "memory": str, "chunk_size": int,
+    "method": str, "method_args": dict, "num_copies": int, "noise": str, "sigma": float,
+    "sampler": str, "baseline": str, "baseline_decay": float, "plan": str, "sites": list,
+    "recommended": bool, "memory": str, "chunk_size": int,
     "optimizer": str, "lr": float, "momentum": float, "weight_decay": float, "schedule": str,
     "step_size": int, "gamma": float, "grad_clip": float, "batch_size": int, "epochs": int,
     "max_steps": int, "seed": int, "device": str, "threads": int, "eval_batch_size": int,
@@ -390,7 +409,69 @@ def _check(name: str, value: Any, source: str) -> Any:
         if bad:
             raise ConfigError(f"{where}: keys must be argument names, got {bad}")
         value = {k: _plain(v) for k, v in value.items()}
+    if name == "method_args":
+        value = _check_method_args(value, where)
     return value
+
+
+def _peer_arguments(method: str) -> list[str]:
+    """The keyword arguments ``method_args`` may set for the peer ``method``."""
+    import inspect
+
+    from . import peers
+
+    cls = peers._REGISTRY[method]
+    return [p for p in inspect.signature(cls).parameters
+            if p not in ("model", "generator", "exclude")]
+
+
+def _check_method_args(value: dict[str, Any], where: str, table: bool = False
+                       ) -> dict[str, Any]:
+    """Flat ``{argument: value}`` plus optional ``{peer: {argument: value}}`` tables; keys
+    normalised (a peer's name with dashes, arguments with underscores) and checked."""
+    out: dict[str, Any] = {}
+    for raw, v in value.items():
+        key = str(raw).strip().lower().replace("_", "-")
+        if isinstance(v, dict):
+            if table:
+                raise ConfigError(f"{where}: [{raw}] inside a method's table; method_args "
+                                  f"tables nest one level only ([method_args.es])")
+            if key not in PEERS:
+                raise ConfigError(
+                    f"{where}: [{raw}] is not a peer estimator; per-method tables are for "
+                    f"{', '.join(PEERS)} (ulr and bp are set by their own options)")
+            out[key] = {**out.get(key, {}),
+                        **_check_method_args(v, f"{where}.{key}", table=True)}
+            continue
+        arg = str(raw).strip().replace("-", "_")
+        if not arg.isidentifier():
+            raise ConfigError(f"{where}: keys must be argument names, got {raw!r}")
+        out[arg] = _plain(v)
+    return out
+
+
+def _own_method_args(method: str, value: dict[str, Any]) -> dict[str, Any]:
+    """The flat arguments of ``method`` from flat keys and its own table; anything that does
+    not fit it is an error naming the arguments it takes."""
+    tables = {k: v for k, v in value.items() if isinstance(v, dict)}
+    flat = {k: v for k, v in value.items() if not isinstance(v, dict)}
+    other = sorted(set(tables) - {method})
+    if other:
+        raise ConfigError(f"method_args has a table for {other} but the method is {method!r}")
+    args = {**flat, **tables.get(method, {})}
+    if not args:
+        return {}
+    if method not in PEERS:
+        raise ConfigError(
+            f"method_args {sorted(args)} given for method {method!r}: they configure the "
+            f"peer estimators ({', '.join(PEERS)}); {method} is set by its own options"
+            + (" (--num-copies, --sigma, --sampler, ...)" if method == "ulr" else ""))
+    valid = _peer_arguments(method)
+    unknown = sorted(set(args) - set(valid))
+    if unknown:
+        raise ConfigError(f"method_args: {method} takes no argument {unknown}; it takes "
+                          f"{', '.join(valid)}")
+    return args
 
 
 def check_values(values: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -436,8 +517,22 @@ def configs_from_values(values: Mapping[str, Any], source: str = "config") -> li
     methods = values.pop("method", RunConfig.method)
     if isinstance(methods, str):
         methods = [methods]
+    method_args = values.pop("method_args", {})
+    tables = {k for k, v in method_args.items() if isinstance(v, dict)}
+    if tables - set(methods):
+        raise ConfigError(f"{source}: method_args has a table for "
+                          f"{sorted(tables - set(methods))} but the methods are {methods}")
+    flat = {k: v for k, v in method_args.items() if not isinstance(v, dict)}
+    # Flat arguments go to the peers of the list (to every run when it names none, which
+    # then reports them as misplaced).
+    takers = [m for m in methods if m in PEERS] or methods
+
+    def own(m: str) -> dict[str, Any]:
+        return {**(flat if m in takers else {}),
+                **({m: method_args[m]} if m in tables else {})}
+
     try:
-        return [RunConfig(**values, method=m) for m in methods]
+        return [RunConfig(**values, method=m, method_args=own(m)) for m in methods]
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
@@ -469,10 +564,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for key, value in values.items():
-        if isinstance(value, dict) and _key(key) != "model_args":
+        if isinstance(value, dict) and _key(key) not in ("model_args", "method_args"):
             raise ConfigError(
                 f"{path}: unexpected table [{key}]; config files are flat apart from "
-                f"[model_args]; valid keys: {', '.join(_FIELDS)}"
+                f"[model_args] and [method_args]; valid keys: {', '.join(_FIELDS)}"
             )
     return check_values(values, str(path))
 
@@ -510,10 +605,11 @@ def to_toml(config: RunConfig, header: str = "") -> str:
     """
     lines = [f"# {line}" for line in header.splitlines()]
     values = config.to_dict()
-    model_args = values.pop("model_args")
+    tables = {name: values.pop(name) for name in ("model_args", "method_args")}
     for key, value in values.items():
         lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
-    lines.append("")
-    lines.append("[model_args]")
-    lines.extend(f"{k} = {_toml_value(v)}" for k, v in model_args.items())
+    for name, table in tables.items():
+        lines.append("")
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
     return "\n".join(lines) + "\n"

@@ -1,7 +1,8 @@
 """The training loop behind ``ulr train``: one :class:`~ulr.config.RunConfig` -> one run.
 
 :func:`fit` trains a reference model on a registry dataset with the likelihood-ratio estimator
-(``method="ulr"``) or with backpropagation (``method="bp"``), evaluates it every epoch and,
+(``method="ulr"``), with backpropagation (``method="bp"``) or with a peer estimator of
+:mod:`ulr.peers` (``"es"``, ``"spsa"``, ``"forward-gradient"``), evaluates it every epoch and,
 given a run directory, records everything needed to analyse and continue the run:
 
 ``config.toml`` / ``config.json``
@@ -11,7 +12,8 @@ given a run directory, records everything needed to analyse and continue the run
     ``"step"`` (step, epoch, loss, acc, lr, samples_per_s, forward_rows, forward_passes),
     ``"diag"`` (per-layer ``cosine`` and ``norm_ratio`` of the ULR gradient against backprop)
     and ``"epoch"`` (train/val/test loss and accuracy, wall and train time, cumulative forward
-    rows, peak memory). ``acc`` and ``train_acc`` of a ULR run are measured on the noisy rows.
+    rows, peak memory). ``acc`` and ``train_acc`` of a ULR or peer run are measured on the
+    rows it evaluates (noisy rows, perturbed weights).
 ``checkpoint.pt``
     replaced atomically after every epoch (and at ``max_steps``): model, optimizer, scheduler,
     estimator state, data-order generator, global RNG, counters and the epoch history.
@@ -174,7 +176,19 @@ def _build_model(config: RunConfig, ds: data.Dataset) -> nn.Module:
                       f"(examples of shape {ds.input_shape}): {e}") from None
 
 
-def _estimator(config: RunConfig, model: nn.Module, device: torch.device) -> LikelihoodRatio:
+def _estimator(config: RunConfig, model: nn.Module, device: torch.device) -> Any:
+    """The gradient estimator of ``config.method`` (``None`` for plain backprop)."""
+    if config.method == "bp":
+        return None
+    generator = torch.Generator(device=device).manual_seed(_stream_seed(config.seed, "noise"))
+    if config.method != "ulr":
+        from . import peers
+
+        try:
+            return peers.build(config.method, model, generator=generator, **config.method_args)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"method {config.method!r}, method_args "
+                             f"{config.method_args}: {e}") from None
     cls = _NOISES[config.noise]
     noise: Any = cls(config.sigma)
     copies = None
@@ -198,7 +212,6 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device) -> Lik
         if unknown:
             raise ValueError(f"sites {unknown} match no module of {config.model}; its modules "
                              f"are {names}")
-    generator = torch.Generator(device=device).manual_seed(_stream_seed(config.seed, "noise"))
     return LikelihoodRatio(
         model,
         sites=None if config.sites is None else by_name(*config.sites),
@@ -500,7 +513,7 @@ def _load_checkpoint(run_dir: Path, config: RunConfig) -> dict[str, Any]:
 
 
 def _restore(ckpt: dict[str, Any], run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
-             sched: Any, est: LikelihoodRatio | None) -> None:
+             sched: Any, est: Any) -> None:
     try:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -633,7 +646,7 @@ class _Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = _optimizer(config, self.params)
         self.sched = _scheduler(config, self.opt)
-        self.est = _estimator(config, model, device) if config.method == "ulr" else None
+        self.est = _estimator(config, model, device)
         self.data_gen = torch.Generator().manual_seed(_stream_seed(config.seed, "data"))
         self.prog = _Progress()
         self.resumed = ckpt is not None
