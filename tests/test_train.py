@@ -236,7 +236,7 @@ def test_unsupported_dataset_kind_is_refused(monkeypatch):
     import ulr.train
 
     class GraphLike:
-        task = "node-classification"
+        task = "link-prediction"
 
     monkeypatch.setattr(ulr.train, "_dataset", lambda *args: GraphLike())
     with pytest.raises(ValueError, match="GraphLike.*ulr train handles.*digits"):
@@ -269,3 +269,42 @@ def test_peer_method_learns_digits():
     """ES (the cheapest peer per step here) learns digits far above chance in 3 epochs."""
     summary = fit(tiny(method="es", method_args={"population": 16}, epochs=3, batch_size=32))
     assert summary["final"]["test_acc"] > 0.5
+
+
+GRAPH = dict(data="karate", model="gcn", threads=1, device="cpu", lr=0.01)
+
+
+@pytest.mark.parametrize("method", ["ulr", "bp", "es"])
+def test_graph_node_classification_trains(method):
+    """A graph is one example: one full-graph step per epoch; ULR uses whole-graph copies
+    (tile_graph) and the receptive-field node loss; the logged loss is the labelled nodes'."""
+    summary = fit(RunConfig(**GRAPH, method=method, epochs=60))
+    assert summary["steps"] == 60 and summary["task"] == "node-classification"
+    assert summary["final"]["test_acc"] >= 0.8  # 26 test nodes, 2 factions: chance is ~0.5
+    assert summary["best"]["val_acc"] is not None
+    assert summary["final"]["train_loss"] < 0.6  # labelled nodes' mean loss (ln 2 at start)
+    assert summary["samples"] == 60 * 34
+
+
+def test_graph_resume_is_exact(tmp_path):
+    fit(RunConfig(**GRAPH, epochs=6), tmp_path / "straight")
+    fit(RunConfig(**GRAPH, epochs=3), tmp_path / "resumed")
+    fit(resume_config(tmp_path / "resumed", {"epochs": 6}), tmp_path / "resumed", resume=True)
+    assert rows(tmp_path / "straight") == rows(tmp_path / "resumed")
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+
+
+def test_graph_needs_a_graph_model():
+    with pytest.raises(ValueError, match="does not take a graph.*--model gcn"):
+        fit(RunConfig(**{**GRAPH, "model": "mlp"}, max_steps=1))
+
+
+def test_after_step_hook_runs_after_every_update(tmp_path):
+    """binary-mlp keeps its latent weights in [-1, 1] through its after_step(): with a large
+    SGD step some weights hit the bound exactly, none passes it."""
+    fit(tiny(model="binary-mlp", method="ulr", lr=50.0, optimizer="sgd", momentum=0.0,
+             max_steps=3), tmp_path / "run")
+    hidden = [w for k, w in weights(tmp_path / "run").items()
+              if k.startswith("hidden.") and k.endswith("weight")]
+    assert hidden and all(float(w.abs().max()) <= 1.0 for w in hidden)
+    assert any(bool((w.abs() == 1.0).any()) for w in hidden)

@@ -89,7 +89,10 @@ _FORMAT_VERSION = 1
 RESUMABLE = ("epochs", "max_steps", "threads", "diag_every", "eval_batch_size")
 
 #: Datasets that ``ulr train`` is tested with (others of the same kind work too).
-_TRAINABLE = ("digits", "mnist-subset", "fashion-mnist", "mnist1d", "adding", "sequential-digits")
+_TRAINABLE = ("digits", "mnist-subset", "fashion-mnist", "mnist1d", "adding", "sequential-digits",
+              "karate", "sbm")
+#: What ``ulr train`` trains: batches of (x, y) examples, or one graph's nodes.
+_TASKS = ("classification", "regression", "node-classification")
 _STREAMS = {"init": 1, "data": 2, "noise": 3, "global": 4}
 _NOISES = {"gaussian": Gaussian, "laplace": Laplace, "logistic": Logistic}
 
@@ -164,8 +167,8 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _build_model(config: RunConfig, ds: data.Dataset) -> nn.Module:
-    outputs = ds.num_classes if ds.task == "classification" else 1
+def _build_model(config: RunConfig, ds: Any) -> nn.Module:
+    outputs = ds.num_classes if ds.task != "regression" else 1
     # Initialised on the CPU from its own stream: the same weights for every method and device.
     torch.manual_seed(_stream_seed(config.seed, "init"))
     try:
@@ -176,8 +179,10 @@ def _build_model(config: RunConfig, ds: data.Dataset) -> nn.Module:
                       f"(examples of shape {ds.input_shape}): {e}") from None
 
 
-def _estimator(config: RunConfig, model: nn.Module, device: torch.device) -> Any:
-    """The gradient estimator of ``config.method`` (``None`` for plain backprop)."""
+def _estimator(config: RunConfig, model: nn.Module, device: torch.device,
+               replicate: Callable[..., Any] | None = None) -> Any:
+    """The gradient estimator of ``config.method`` (``None`` for plain backprop);
+    ``replicate`` makes the noise copies of inputs that are not a plain batch (a graph)."""
     if config.method == "bp":
         return None
     generator = torch.Generator(device=device).manual_seed(_stream_seed(config.seed, "noise"))
@@ -224,6 +229,7 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device) -> Any
         generator=generator,
         memory=config.memory,
         chunk_size=config.chunk_size if config.memory == "chunked" else None,
+        replicate=replicate,
     )
 
 
@@ -244,24 +250,57 @@ def _scheduler(config: RunConfig, opt: torch.optim.Optimizer) -> Any:
     return None
 
 
-def _row_loss(task: str) -> Callable[[Tensor, Tensor], Tensor]:
+def _row_loss(task: str) -> Callable[[Tensor, Any], Tensor]:
     if task == "classification":
         return lambda out, y: F.cross_entropy(out, y, reduction="none")
+    if task == "node-classification":
+        return _masked_node_loss
     return lambda out, y: (out.reshape(out.shape[0], -1)[:, 0] - y).square()
+
+
+def _masked_node_loss(out: Tensor, targets: tuple[Tensor, Tensor]) -> Tensor:
+    """Per-node cross-entropy of one graph, zero off the mask and scaled by ``N / |mask|`` so
+    that its mean over the ``N`` rows is the mean loss of the selected nodes."""
+    y, mask = targets
+    m = mask.to(out.dtype)
+    return F.cross_entropy(out, y, reduction="none") * m * (len(m) / m.sum().clamp(min=1))
+
+
+def _call(model: nn.Module, inputs: Any) -> Tensor:
+    """``model(inputs)``, or ``model(*inputs)`` for a tuple such as a graph's (x, adjacency)."""
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def _num_rows(inputs: Any) -> int:
+    return len(inputs[0]) if isinstance(inputs, tuple) else len(inputs)
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    return obj.to(device)
 
 
 class _Counting:
     """Wraps the per-row loss to count correct predictions of the rows it sees (free accuracy:
     for ULR these are the noisy rows)."""
 
-    def __init__(self, loss: Callable[[Tensor, Tensor], Tensor], classification: bool) -> None:
+    def __init__(self, loss: Callable[[Tensor, Any], Tensor], classification: bool) -> None:
         self.loss, self.classification = loss, classification
         self.correct = self.rows = 0
+        self.node_loss_sum = 0.0
 
-    def __call__(self, out: Tensor, y: Tensor) -> Tensor:
+    def __call__(self, out: Tensor, y: Any) -> Tensor:
         if self.classification:
-            self.correct += int((out.argmax(1) == y).sum())
-            self.rows += y.shape[0]
+            if isinstance(y, tuple):  # (labels, mask) of a graph: the selected nodes count
+                labels, mask = y
+                self.correct += int(((out.argmax(1) == labels) & mask).sum())
+                self.rows += int(mask.sum())
+                self.node_loss_sum += float(
+                    F.cross_entropy(out.detach()[mask], labels[mask], reduction="sum"))
+            else:
+                self.correct += int((out.argmax(1) == y).sum())
+                self.rows += y.shape[0]
         return self.loss(out, y)
 
     def take(self) -> tuple[int, int]:
@@ -270,12 +309,30 @@ class _Counting:
         self.correct = self.rows = 0
         return counts
 
+    def take_node_loss(self) -> float | None:
+        """Mean loss of the selected nodes seen since the last call (graphs), else None."""
+        mean = self.node_loss_sum / self.rows if self.rows and self.node_loss_sum else None
+        self.node_loss_sum = 0.0
+        return mean
+
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, split: tuple[Tensor, Tensor], task: str,
+def _evaluate(model: nn.Module, split: tuple[Any, Any], task: str,
               batch_size: int) -> tuple[float | None, float | None]:
-    """(mean loss, accuracy) on a split; accuracy is None for regression, both None if empty."""
+    """(mean loss, accuracy) on a split; accuracy is None for regression, both None if empty.
+    A graph is evaluated whole, on the nodes its split's mask selects."""
     x, y = split
+    if task == "node-classification":
+        labels, mask = y
+        if not mask.any():
+            return None, None
+        model.eval()
+        try:
+            out = _call(model, x)
+        finally:
+            model.train()
+        loss = F.cross_entropy(out[mask], labels[mask])
+        return float(loss), float((out[mask].argmax(1) == labels[mask]).double().mean())
     if len(x) == 0:
         return None, None
     loss_fn = _row_loss(task)
@@ -311,7 +368,7 @@ def _diagnose(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: 
     groups = _layer_groups(model)
     params = [p for ps in groups.values() for p in ps]
     with torch.random.fork_rng(devices=rng_devices), torch.enable_grad():
-        loss = loss_fn(model(x), y).mean()
+        loss = loss_fn(_call(model, x), y).mean()
         exact = torch.autograd.grad(loss, params, allow_unused=True)
     bp = {p: (g if g is not None else torch.zeros_like(p)) for p, g in zip(params, exact)}
 
@@ -553,11 +610,11 @@ class _Progress:
 
 
 def _best(history: list[dict[str, Any]], task: str) -> dict[str, Any] | None:
-    key = "val_acc" if task == "classification" else "val_loss"
+    key = "val_loss" if task == "regression" else "val_acc"
     scored = [r for r in history if r.get(key) is not None]
     if not scored:
         return None
-    pick = (max if task == "classification" else min)(scored, key=lambda r: r[key])
+    pick = (min if task == "regression" else max)(scored, key=lambda r: r[key])
     return {"epoch": pick["epoch"], "step": pick["step"], key: pick[key],
             "test_acc": pick.get("test_acc"), "test_loss": pick.get("test_loss")}
 
@@ -611,12 +668,13 @@ def fit(
         )
 
     ds = _dataset(config.data, config.data_dir, config.seed, config.val_fraction)
-    if not isinstance(ds, data.Dataset) or ds.task not in ("classification", "regression"):
+    if getattr(ds, "task", None) not in _TASKS:
         raise ValueError(
             f"dataset {config.data!r} is a {type(ds).__name__} (task "
             f"{getattr(ds, 'task', '?')!r}); ulr train handles in-memory (x, y) datasets for "
-            f"classification or regression, such as {', '.join(_TRAINABLE)}; train other "
-            f"kinds with ulr.LikelihoodRatio in your own loop"
+            f"classification or regression and graphs for node classification, such as "
+            f"{', '.join(_TRAINABLE)}; train other kinds with ulr.LikelihoodRatio in your own "
+            f"loop"
         )
     previous_threads = torch.get_num_threads()
     rng_devices = [device.index or 0] if device.type == "cuda" else []
@@ -644,9 +702,30 @@ class _Trainer:
         self.rng_devices = rng_devices
         model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # A model's own constraint after each update (e.g. BinaryMLP clips its latent weights).
+        after_step = getattr(model, "after_step", None)
+        self.after_step = after_step if callable(after_step) else None
         self.opt = _optimizer(config, self.params)
         self.sched = _scheduler(config, self.opt)
-        self.est = _estimator(config, model, device)
+        self.graph = ds.task == "node-classification"
+        loss = _row_loss(self.task)
+        if self.graph:
+            hops = getattr(model, "loss_hops", None)
+            if hops is None:
+                raise ValueError(
+                    f"model {config.model!r} does not take a graph (it has no loss_hops, the "
+                    f"reach of its graph layers); use --model gcn with --data {config.data}")
+            from .models import gnn
+
+            adj = ds.adjacency().to(device)
+            # Nodes influence each other: ULR weights each node's noise by the losses of the
+            # labelled nodes within its reach (NodeLoss); whole-graph copies share adj.
+            if config.method == "ulr":
+                loss = gnn.NodeLoss(adj, hops=hops, row_loss=lambda o, y: F.cross_entropy(
+                    o, y, reduction="none"))
+            self.est = _estimator(config, model, device, replicate=gnn.tile_graph)
+        else:
+            self.est = _estimator(config, model, device)
         self.data_gen = torch.Generator().manual_seed(_stream_seed(config.seed, "data"))
         self.prog = _Progress()
         self.resumed = ckpt is not None
@@ -658,14 +737,15 @@ class _Trainer:
             if rng_devices and ckpt.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
             self.prog = _Progress(**ckpt["progress"])
-        self.train_split = tuple(t.to(device) for t in ds.train)
-        self.splits = {"val": tuple(t.to(device) for t in ds.val),
-                       "test": tuple(t.to(device) for t in ds.test)}
-        self.steps_per_epoch = math.ceil(len(ds.train[0]) / config.batch_size)
+        self.train_split = _to(ds.train, device)
+        self.splits = {"val": _to(ds.val, device), "test": _to(ds.test, device)}
+        # A graph is one example: one full-graph step per epoch.
+        self.steps_per_epoch = (1 if self.graph
+                                else math.ceil(len(ds.train[0]) / config.batch_size))
         self.total_steps = self.steps_per_epoch * config.epochs
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
-        self.loss_fn = _Counting(_row_loss(self.task), self.task == "classification")
+        self.loss_fn = _Counting(loss, self.task != "regression")
         self.plain_loss = _row_loss(self.task)
         self.env = environment(device)
         self.memory = _MemoryMonitor()
@@ -757,9 +837,9 @@ class _Trainer:
             loss = float(est.loss_and_grads(self.loss_fn, xb, yb))
             rows = est.last_forward_rows
         else:
-            loss_t = self.loss_fn(self.model(xb), yb).mean()
+            loss_t = self.loss_fn(_call(self.model, xb), yb).mean()
             loss_t.backward()
-            loss, rows = float(loss_t.detach()), len(xb)
+            loss, rows = float(loss_t.detach()), _num_rows(xb)
         passes = self.forward_calls - calls_before
         diag = None
         if est is not None and config.diag_every and (prog.step + 1) % config.diag_every == 0:
@@ -769,11 +849,18 @@ class _Trainer:
         if config.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.params, config.grad_clip)
         self.opt.step()
+        if self.after_step is not None:
+            self.after_step()
         dt = time.perf_counter() - t0
+        node_loss = self.loss_fn.take_node_loss()
+        if self.graph and node_loss is not None:
+            # ULR's graph loss returns receptive-field weights, whose mean is not the loss:
+            # report the mean loss of the labelled nodes it saw (all copies), as for bp.
+            loss = node_loss
         correct, acc_rows = self.loss_fn.take()
         prog.step += 1
         prog.batch_in_epoch += 1
-        prog.samples += len(xb)
+        prog.samples += _num_rows(xb)
         prog.forward_rows += rows
         prog.forward_passes += passes
         prog.train_time_s += dt
@@ -784,7 +871,7 @@ class _Trainer:
         row = {"kind": "step", "step": prog.step, "epoch": epoch, "loss": loss,
                "acc": correct / acc_rows if acc_rows else None,
                "lr": self.opt.param_groups[0]["lr"],
-               "samples_per_s": len(xb) / dt if dt > 0 else None,
+               "samples_per_s": _num_rows(xb) / dt if dt > 0 else None,
                "forward_rows": rows, "forward_passes": passes}
         self.write(row)
         for cb in self.callbacks:
@@ -845,8 +932,9 @@ class _Trainer:
             if config.max_steps is not None and prog.step >= config.max_steps:
                 break
             epoch_start_state = self.data_gen.get_state()
-            batches: Iterator = data.batches(*self.train_split, config.batch_size,
-                                             shuffle=True, generator=self.data_gen)
+            batches: Iterator = (iter([self.train_split]) if self.graph else
+                                 data.batches(*self.train_split, config.batch_size,
+                                              shuffle=True, generator=self.data_gen))
             for _ in range(prog.batch_in_epoch):  # a run resumed inside this epoch
                 next(batches)
             for cb in self.callbacks:

@@ -178,6 +178,10 @@ class BinaryMLP(nn.Module):
         for layer in self.hidden:
             layer.clip_()
 
+    def after_step(self) -> None:
+        """Called by ``ulr train`` after every optimiser step: :meth:`clip_`."""
+        self.clip_()
+
     def ulr_config(self) -> ULRConfig:
         """``sigma`` 0.3 (units flip only when the noise crosses the threshold) for the binary
         layers and 0.1 for ``out``; ``num_copies`` 64 / 32."""
