@@ -70,30 +70,33 @@ TASKS: dict[str, Task] = {
                 {"hidden_size": 64}, {"hidden_size": 64}, "BPTT", epochs=40, copies=16,
                 schedule="cosine"),
     "gru": Task("GRU, cells", "sequential-digits", "gru",
-                {"hidden_size": 64}, {"hidden_size": 64}, "BPTT", epochs=40, copies=16,
+                {"hidden_size": 64}, {"hidden_size": 64}, "BPTT", epochs=40, copies=64,
                 schedule="cosine"),
     "lstm": Task("LSTM, cells", "sequential-digits", "lstm",
-                 {"hidden_size": 32}, {"hidden_size": 32}, "BPTT", epochs=40, copies=16,
-                schedule="cosine"),
+                 {"hidden_size": 32}, {"hidden_size": 32}, "BPTT", epochs=100, copies=16,
+                 lr=1e-2, schedule="cosine"),
     "lstm-adding": Task("LSTM, cells", "adding", "lstm", {"hidden_size": 32},
                         {"hidden_size": 32}, "BPTT", {"seq_len": 20, "n_train": 4000},
-                        epochs=10, copies=16, loss="mse", easy=False),
+                        epochs=30, copies=16, lr=1e-2, loss="mse", easy=False),
     "gcn-karate": Task("GCN", "karate", "gcn", epochs=100, lr=0.01, sigma=0.1, copies=64),
     "gcn-sbm": Task("GCN", "sbm", "gcn", epochs=100, lr=0.01, sigma=0.1, copies=32),
     "snn": Task("SNN (LIF, Heaviside spike)", "digits", "snn", {"hidden": (128,)},
                 {"hidden": (128,), "surrogate": "fast-sigmoid"}, "surrogate-gradient BPTT",
                 epochs=15, sigma=0.1, copies=16),
     "transformer": Task("Transformer encoder", "sequential-digits", "transformer",
-                        {"d_model": 32}, {"d_model": 32}, epochs=15, copies=16,
+                        {"d_model": 32}, {"d_model": 32}, epochs=45, copies=16,
                         groups=_BLOCK_GROUPS),
-    "resnet5-bn": Task("ResNet-5 + CopyBatchNorm", "digits", "resnet5-bn", epochs=10,
-                       sigma=0.1, copies=16),
+    # Sites at the BN outputs: each conv+BN pair is one block whose local VJP includes the
+    # batch statistics exactly (docs/architectures.md, BatchNorm).
+    "resnet5-bn": Task("ResNet-5 + CopyBatchNorm, sites at BN outputs", "digits", "resnet5-bn",
+                       epochs=10, sigma=0.1, copies=16,
+                       sites=ulr.sites.by_name("bn1", "bn2", "bn3", "bn4", "fc")),
     "binary-mlp": Task("binary weights + sign units", "digits", "binary-mlp",
                        {"hidden": (256,)}, {"hidden": (256,), "relaxation": "ste"},
                        "BP, straight-through", epochs=20, sigma=0.3),
     "binary-mlp-01": Task("binary weights + sign units, 0-1 loss", "digits", "binary-mlp",
                           {"hidden": (256,)}, {"hidden": (256,), "relaxation": "ste"},
-                          "BP, straight-through, CE", epochs=20, sigma=0.5, loss="zero-one"),
+                          "BP, straight-through, CE", epochs=60, sigma=0.5, loss="zero-one"),
     "blackbox-mlp": Task("numpy black box (4-bit tanh table)", "digits", "blackbox-mlp",
                          {"hidden": 128}, {"hidden": 128, "relaxation": "tanh"},
                          "BP, tanh relaxation", epochs=20, sigma=0.1),
@@ -209,6 +212,7 @@ def run_task(key: str, task: Task, seed: int, smoke: bool, epochs_override: int 
             "loss": task.loss if method == "ulr" else ("mse" if task.loss == "mse" else "ce"),
             "ulr": ({"sigma": task.sigma, "num_copies": task.copies, "sampler": "antithetic",
                      "baseline": "leave_one_out", "plan": "layerwise", "groups": task.groups,
+                     "sites": None if task.sites is None else repr(task.sites),
                      "lr": task.lr, "schedule": task.schedule, "batch": task.batch}
                     if method == "ulr" else {"lr": task.lr, "schedule": task.schedule,
                                              "batch": task.batch}),
@@ -253,20 +257,26 @@ def _graph_chance(ds: Any) -> float:
 
 def to_markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     lines = [
-        f"Machine: {env['machine']}; torch {env['torch']}, {env['threads']} threads; "
-        f"seeds {env['seeds']}. Command: `{env['command']}`.",
+        f"Machine: {env['machine']}; torch {env['torch']}; seeds {env['seeds']}. "
+        f"Command: `{env['command']}`. Threads per row below (a row from an earlier run keeps "
+        f"that run's conditions).",
         "",
-        "| task | architecture | data | method | metric | result | chance | epochs (lr) | "
-        "wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | architecture | data | method | metric | result | chance | epochs | "
+        "lr (schedule) | ULR K, σ | threads | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         pct = r["metric"] == "test accuracy"
         val = f"{100 * r['value']:.1f}%" if pct else f"{r['value']:.4f}"
         chance = f"{100 * r['chance']:.0f}%" if pct else f"{r['chance']:.3f}"
-        sched = r["ulr"].get("schedule", "constant")
+        u = r["ulr"]
+        sched = u.get("schedule", "constant")
+        lr = f"{u['lr']:g} ({sched})" if "lr" in u else sched
+        ks = f"{u['num_copies']}, {u['sigma']:g}" if "num_copies" in u else "–"
+        threads = r.get("env", env)["threads"]
         lines.append(f"| {r['task']} | {r['arch']} | {r['data']} | {r['method']} | {r['metric']} "
-                     f"| {val} | {chance} | {r['epochs']} ({sched}) | {r['wall_s']:.0f} |")
+                     f"| {val} | {chance} | {r['epochs']} | {lr} | {ks} | {threads} "
+                     f"| {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -281,6 +291,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--graph-copies", action="store_true",
                    help="only time the two ways of replicating a graph")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the rows of the tasks run in the existing result file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -309,7 +321,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
            "command": "python benchmarks/architectures.py" + (
                f" --only {' '.join(args.only)}" if args.only else "")}
     name = "architectures-smoke" if args.smoke else "architectures-cpu"
-    (out / f"{name}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    path = out / f"{name}.json"
+    if args.merge and path.exists():
+        # Keep the other tasks' rows (and their run conditions) from the earlier run.
+        old = json.loads(path.read_text())
+        ran = {r["task"] for r in rows}
+        kept = [r for r in old["rows"] if r["task"] not in ran]
+        for r in kept:
+            r.setdefault("env", old["env"])
+        for r in rows:
+            r["env"] = env
+        order = list(TASKS)
+        rows = sorted(kept + rows, key=lambda r: (order.index(r["task"]) if r["task"] in order
+                                                  else len(order), r["seed"]))
+        env = {**env, "command": "python benchmarks/architectures.py (several runs, --merge; "
+                                 "each row's conditions in the JSON)"}
+    path.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     (out / f"{name}.md").write_text(to_markdown(rows, env))
     return rows
 
