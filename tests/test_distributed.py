@@ -202,6 +202,46 @@ def test_copy_range():
 
 
 # ---------------------------------------------------------------------------------------------
+# Model parallel (examples/model_parallel.py): two estimators chained through the loss
+
+
+def test_model_split_equals_one_estimator():
+    """Front and back of a model, each with its own estimator, joined only by the loss
+    function (the front's loss_fn runs the back and returns its per-row losses), compute the
+    all-sites estimate of the whole model when the back continues the front's noise stream."""
+    import copy
+
+    torch.manual_seed(0)
+    front = nn.Sequential(nn.Linear(6, 16), nn.Tanh())
+    back = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4))
+    whole = nn.Sequential(copy.deepcopy(front), copy.deepcopy(back))
+    x, y = batch()
+    kw = {"num_copies": K, "sampler": ulr.iid(), "baseline": ulr.baselines.leave_one_out()}
+    ulr.LikelihoodRatio(whole, generator=torch.Generator().manual_seed(1),
+                        **kw).loss_and_grads(ce, x, y)
+
+    est0 = ulr.LikelihoodRatio(front, generator=torch.Generator().manual_seed(1), **kw)
+    est1 = ulr.LikelihoodRatio(back, generator=torch.Generator(),
+                               replicate=lambda inputs, k: inputs, **kw)
+    sent = {}
+
+    def back_losses(h):  # what process 1 does with the activations it receives
+        assert h.shape == (K * B, 16) and not h.requires_grad
+        est1.generator.set_state(est0.generator.get_state())  # the noise stream goes on
+
+        def loss(out, t):
+            sent["losses"] = ce(out, t)
+            return sent["losses"]
+
+        est1.loss_and_grads(loss, h, y)
+        return sent["losses"]  # the only message back: K*B numbers
+
+    est0.loss_and_grads(back_losses, x)
+    split = [p.grad for p in [*front.parameters(), *back.parameters()]]
+    assert close(split, [p.grad for p in whole.parameters()])
+
+
+# ---------------------------------------------------------------------------------------------
 # ulr train --nproc 2, end to end
 
 
