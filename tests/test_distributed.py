@@ -33,9 +33,25 @@ def ce(out, y):
     return F.cross_entropy(out, y, reduction="none")
 
 
+class MarkNet(nn.Module):
+    """A ulr.perturb mark after a closed-form site: the first estimate that keeps gradients
+    meets the mark without autograd and starts its forward over (the retry path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(ulr.perturb("mid", torch.tanh(self.a(x))))
+
+
 def build(kind):
     """(model, estimator kwargs) of one case; the same weights and noise seed every call."""
     torch.manual_seed(0)
+    if kind == "marks":
+        return MarkNet(), {"num_copies": K, "generator": torch.Generator().manual_seed(1),
+                           "sites": ulr.sites.param_owners() | ulr.sites.marked(),
+                           "plan": ulr.plans.layerwise()}
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 4))
     kw = {"num_copies": K, "generator": torch.Generator().manual_seed(1)}
     if kind == "layerwise":  # closed-form and local-VJP (LayerNorm) sites, prefix caching
@@ -53,7 +69,7 @@ def build(kind):
     return model, kw
 
 
-KINDS = ("layerwise", "all-sites", "weight-noise", "odd-copies")
+KINDS = ("layerwise", "all-sites", "weight-noise", "odd-copies", "marks")
 
 
 def batch():
@@ -87,7 +103,8 @@ def worker(rank, world_size):
             for memory in MEMORIES:
                 model, kw = build(kind)
                 rows = []
-                model[3].register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+                last = model.b if kind == "marks" else model[3]
+                last.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
                 est = DistributedLikelihoodRatio(
                     model, exchange=exchange, memory=memory,
                     chunk_size=3 if memory == "chunked" else None, **kw)

@@ -140,3 +140,29 @@ def test_memory_argument_errors(mlp):
         ulr.LikelihoodRatio(mlp, chunk_size=4)
     with pytest.raises(ValueError, match="'store', 'chunked' or 'replay'"):
         ulr.LikelihoodRatio(mlp, memory="disk")
+
+
+def test_replay_retry_with_autograd_does_not_count_sites_twice():
+    """A mark met without autograd makes the forward start over with it; in replay the sites
+    before the mark had already written their gradients, which the retry must drop."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(ulr.perturb("mid", torch.tanh(self.a(x))))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+
+    def make(mode):
+        return lambda: ulr.LikelihoodRatio(
+            model, sites=ulr.sites.param_owners() | ulr.sites.marked(), num_copies=4,
+            memory=mode, generator=torch.Generator().manual_seed(0))
+
+    want, _, _ = _grads(model, make("store"), x, y)
+    got, _, _ = _grads(model, make("replay"), x, y)
+    _assert_same(got, want)

@@ -257,6 +257,10 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
         self.world_size = dist.get_world_size(group)
         self.last_bytes_sent = 0
         self._rebuild: tuple[dict[str, int], dict[str, int]] | None = None
+        # Loss exchange with memory="store": the noise of all K copies that this rank's forward
+        # drew (every rank draws all of it) is kept for the rebuild instead of drawn again.
+        self._kept_noise: list[Tensor] | None = None
+        self._replay_pos: int | None = None
 
     def __repr__(self) -> str:
         return (super().__repr__()[:-1] + f", exchange={self.exchange!r}, "
@@ -288,6 +292,31 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
             n = g.numel()
             _add(grads, p, flat[offset:offset + n].view_as(g).to(g.dtype))
             offset += n
+
+    # -- noise kept for the rebuild ---------------------------------------------------------------
+    def _sample(self, site: Any, row_shape: torch.Size, num_copies: int, batch: int,
+                device: torch.device) -> Tensor:
+        if self._replay_pos is not None:  # the rebuild draws in the order the forward drew
+            z = self._kept_noise[self._replay_pos]
+            self._replay_pos += 1
+            return z
+        z = super()._sample(site, row_shape, num_copies, batch, device)
+        if self._kept_noise is not None:
+            self._kept_noise.append(z.clone() if self.world_size == 1 else z)
+        return z
+
+    def _snapshot(self) -> tuple:
+        return (*super()._snapshot(), self._replay_pos)
+
+    def _restore(self, snapshot: tuple) -> None:
+        super()._restore(snapshot)
+        if self._rebuild is not None or self._replay_pos is not None:
+            # Only a retried rebuild forward (autograd turned on midway) restores while a
+            # rebuild runs: start the counts again, and draw the noise again (the kept noise
+            # was consumed in place; the generator is back at the start of the pass).
+            if self._rebuild is not None:
+                self._rebuild = (self._rebuild[0], dict.fromkeys(self._rebuild[0], 0))
+            self._replay_pos = self._kept_noise = None
 
     # -- early stop of a rebuild ------------------------------------------------------------------
     def _count_calls(self, spec: Pass) -> tuple[list[Any], dict[str, int]] | None:
@@ -354,6 +383,8 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
             chunks = [(k0, k1)]
         start = self._snapshot()
         counting = (self._count_calls(spec) if self.exchange == "losses" else None)
+        if self.exchange == "losses" and self.memory == "store":
+            self._kept_noise = []
         stored = None
         parts = []
         rows = 0
@@ -379,6 +410,7 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
                 for h in counting[0]:
                     h.remove()
         end = self._snapshot()
+        kept, self._kept_noise = self._kept_noise, None
         losses = self._gather_losses(torch.cat(parts), k, batch)
         weights = self.baseline(losses.view(k, batch),
                                 Context(groups, clean, spec.key)).reshape(-1)
@@ -404,6 +436,8 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
             if counting is not None:
                 calls = counting[1]
                 self._rebuild = (calls, dict.fromkeys(calls, 0))
+            if kept is not None:
+                self._kept_noise, self._replay_pos = kept, 0
             try:
                 self._forward(spec, inputs, batch, copies=(0, k), expand=expand, record=False,
                               weights=weights, sink=sink)
@@ -411,6 +445,8 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
                 pass
             finally:
                 self._rebuild = None
+                self._kept_noise = self._replay_pos = None
+            del kept
             rows += batch if expand else k * batch
         self._restore(end)
         return float(losses.sum()), losses.numel(), rows
