@@ -86,9 +86,9 @@ def worker(rank: int, world_size: int, workloads: dict, modes: list[str], steps:
             g = torch.Generator().manual_seed(2)
             x = torch.randn(b, widths[0], generator=g)
             y = torch.randint(0, widths[-1], (b,), generator=g)
-            times, first = [], None
+            times, cpu, first = [], [], None
             for i in range(warmup + steps):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 opt.zero_grad()
                 est.loss_and_grads(ce, x, y)
                 if first is None:
@@ -96,7 +96,9 @@ def worker(rank: int, world_size: int, workloads: dict, modes: list[str], steps:
                 opt.step()
                 if i >= warmup:
                     times.append(time.perf_counter() - t)
+                    cpu.append(time.process_time() - c)
             out[name, mode] = {"step_s": statistics.median(times), "times": times,
+                               "cpu_s": statistics.median(cpu),
                                "bytes": getattr(est, "last_bytes_sent", 0),
                                "params": sum(p.numel() for p in model.parameters()),
                                "grads": first}
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="docs/results")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
@@ -137,15 +139,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                          timeout_s=300, deadline_s=1800)
             loads += [before, _load()]
             for key, r in res[0].items():
+                # CPU time of the step summed over the processes (insensitive to how much of
+                # a core the machine's load leaves each process)
+                r["cpu_total_s"] = sum(other[key]["cpu_s"] for other in res)
                 runs.setdefault(key, []).append(r)
 
     rows = []
     for name, (widths, k, b, plan) in workloads.items():
         single = runs[name, "single"]
         t1 = statistics.median(r["step_s"] for r in single)
+        c1 = statistics.median(r["cpu_total_s"] for r in single)
         for mode in ("single", "grads", "losses"):
             rs = runs[name, mode]
             t = statistics.median(r["step_s"] for r in rs)
+            c = statistics.median(r["cpu_total_s"] for r in rs)
             diff = max(float((u - v).abs().max())
                        for u, v in zip(rs[0]["grads"], single[0]["grads"]))
             rows.append({
@@ -157,6 +164,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "step_ms_per_round": [1e3 * r["step_s"] for r in rs],
                 "speedup": t1 / t,
                 "efficiency": t1 / (t * (1 if mode == "single" else 2)),
+                "cpu_ms_all_processes": 1e3 * c,
+                "cpu_work_ratio": c / c1,
                 "bytes_per_step": rs[0]["bytes"],
                 "max_grad_diff_vs_1_process": diff,
             })
@@ -187,18 +196,23 @@ def _markdown(rows: list[dict], env: dict) -> str:
         f"Machine load (1-minute load average, sampled around each launch): "
         f"{min(loads):.1f} to {max(loads):.1f}" if loads else "Machine load: unknown",
         "",
-        "| workload | processes | exchange | step ms | speedup | efficiency | bytes sent / step "
-        "/ process | max abs grad diff vs 1 process |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | processes | exchange | step ms | speedup | efficiency | CPU ms / step, "
+        "all processes | CPU work vs 1 process | bytes sent / step / process | max abs grad "
+        "diff vs 1 process |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['processes']} | {r['exchange'] or '-'} | "
             f"{r['step_ms']:.1f} | {r['speedup']:.2f}x | {100 * r['efficiency']:.0f}% | "
+            f"{r['cpu_ms_all_processes']:.1f} | {r['cpu_work_ratio']:.2f}x | "
             f"{r['bytes_per_step']:,} | {r['max_grad_diff_vs_1_process']:.1e} |")
     lines += [
         "",
-        "Speedup = t(1 process) / t; efficiency = speedup / processes. Bytes: payload handed to "
+        "Speedup = t(1 process) / t (wall-clock step time); efficiency = speedup / processes. "
+        "CPU ms: process CPU time of a step (median), summed over the processes, including "
+        "gloo's threads; the ratio to one process is the work that splitting adds (noise drawn "
+        "on every process, rebuilds, communication). Bytes: payload handed to "
         "collectives per step by each process (losses all-gathered, plus gradients "
         "all-reduced with `grads`); a 2-process ring all-reduce sends about that much per "
         "process. The gradient difference is float summation order (the same noise).",

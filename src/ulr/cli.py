@@ -473,6 +473,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "train":
         return _train_processes(args, argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"ulr {args.command}: error: only 'ulr train' runs on several processes; run "
+              f"'ulr {args.command}' without torchrun", file=sys.stderr)
+        return 2
     command = {"train": _train, "compare": _compare, "plot": _plot,
                "bench": _bench}[args.command]
     from .train import CheckpointError

@@ -583,6 +583,11 @@ def fit(
         callbacks: progress hooks (see :class:`Callback`, :class:`ConsoleProgress`).
         label: name of the run in callbacks and tables (default: ``config.method``).
 
+    Inside a ``torch.distributed`` process group of several ranks (``ulr train --nproc N``,
+    ``torchrun``), every rank calls ``fit`` with the same config: ULR splits the noise copies
+    over the ranks (:class:`ulr.distributed.DistributedLikelihoodRatio`, ``config.exchange``),
+    backprop splits the batch, and only rank 0 writes ``out_dir`` (see docs/distributed.md).
+
     Returns:
         The summary (also written to ``summary.json``): ``final`` and ``best`` metrics, steps,
         epochs_completed, wall_time_s, train_time_s, forward_rows, forward_passes, samples,
