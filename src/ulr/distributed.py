@@ -5,25 +5,32 @@ are split into contiguous ranges, one per rank (rank ``r`` of ``R`` runs copies
 ``[⌊rK/R⌋, ⌊(r+1)K/R⌋)``). All ranks draw the noise from the same seeded generator, so copy
 ``k`` carries exactly the noise it would carry in a single process: a run on ``R`` ranks
 computes the same estimate as one process with the same seed, up to the order of float sums
-(tested). The per-row losses of every pass are all-gathered (``K·B`` numbers), so baselines that
-compare the copies of an example (leave-one-out) and the reported loss see all rows.
+(tested). Each rank runs the noisy forward of its copies for every pass of the plan; then one
+all-gather per step collects the per-row losses of every pass (``Σ_s K_s·B`` numbers), so
+baselines that compare the copies of an example (leave-one-out) and the reported loss see all
+rows.
 
 What is exchanged to finish the gradient (``exchange=``):
 
 ``"grads"``
-    each rank turns its copies into a partial gradient; the partial gradients of each pass are
-    summed by one all-reduce of the parameters that pass covers (``|θ|`` numbers per step in
-    all, as data-parallel backprop).
+    each rank turns its copies into a partial gradient; one all-reduce per step sums them
+    (``|θ|`` numbers, as data-parallel backprop).
 ``"losses"``
     nothing but the losses. Each rank rebuilds the gradient of **all** ``K`` copies from the
-    gathered losses by regenerating the other ranks' noise from the shared generator state and
-    rerunning the pass only up to its last perturbed site (then stopping). This is exact for
-    every pass, and cheap where the input of the perturbed sites is the same for every copy: a
-    layer-wise plan on an ``nn.Sequential`` model runs the noise-free prefix on ``B`` rows, so
-    the rebuild costs that prefix, the noise of one site and its weight gradient, not a
-    ``K·B``-row forward. With the all-sites plan the last perturbed site is the last layer and
-    the rebuild is a whole ``K``-copy forward on every rank: use ``"grads"`` there. See
-    ``docs/distributed.md`` for the byte counts.
+    gathered losses: it reruns each pass from its start, with the noise of every copy (kept
+    from its own forward, which drew all of it, with ``memory="store"``; drawn again from the
+    shared generator state otherwise), and stops the forward once every perturbed site of the
+    pass has fired. This is exact for every pass, and cheap where the input of the perturbed
+    sites is the same for every copy: a layer-wise plan on an ``nn.Sequential`` model runs the
+    noise-free prefix on ``B`` rows, so the rebuild costs that prefix, the noise of one site and
+    its weight gradient, not a ``K·B``-row forward. With the all-sites plan the last perturbed
+    site is the last layer and the rebuild is a whole ``K``-copy forward on every rank: use
+    ``"grads"`` there. See ``docs/distributed.md`` for the byte counts.
+
+Memory: until the losses of the step are gathered, a rank keeps what its copies leave for the
+gradient in every pass (``memory="store"``: the records of its copies; with ``"losses"`` the
+noise of all copies), as one all-sites pass would; ``"replay"`` and ``"chunked"`` keep nothing
+and run a second forward instead.
 
 Launch with ``torchrun --nproc-per-node N -m ulr train ...`` or ``ulr train --nproc N``
 (:func:`launch`, local processes, gloo on CPU, NCCL on CUDA).
@@ -261,22 +268,31 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
         # drew (every rank draws all of it) is kept for the rebuild instead of drawn again.
         self._kept_noise: list[Tensor] | None = None
         self._replay_pos: int | None = None
+        self._pending: list[dict] = []
+        self._local: dict[Tensor, Tensor] = {}
+        self._num_passes: int | None = None
 
     def __repr__(self) -> str:
         return (super().__repr__()[:-1] + f", exchange={self.exchange!r}, "
                 f"rank={self.rank}/{self.world_size})")
 
     # -- collectives ------------------------------------------------------------------------------
-    def _gather_losses(self, local: Tensor, num_copies: int, batch: int) -> Tensor:
-        """All ranks' losses of one pass, copy-major ``[K·B]``."""
-        ranges = [copy_range(num_copies, r, self.world_size) for r in range(self.world_size)]
-        width = max(k1 - k0 for k0, k1 in ranges) * batch
+    def _gather_losses(self, pending: list[dict], batch: int) -> list[Tensor]:
+        """One all-gather of this rank's losses of every pass; returns each pass's losses of
+        all ranks, copy-major ``[K_s·B]``."""
+        local = torch.cat([item["losses"] for item in pending])
+        sizes = [[(k1 - k0) * batch for k0, k1 in
+                  (copy_range(item["spec"].num_copies, r, self.world_size)
+                   for item in pending)] for r in range(self.world_size)]
+        width = max(sum(s) for s in sizes)
         padded = local.new_zeros(width)
         padded[:local.numel()] = local
-        parts = [torch.empty_like(padded) for _ in ranges]
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded, group=self.group)
         self.last_bytes_sent += padded.numel() * padded.element_size()
-        return torch.cat([p[:(k1 - k0) * batch] for p, (k0, k1) in zip(parts, ranges)])
+        per_rank = [list(torch.split(part[:sum(s)], s)) for part, s in zip(parts, sizes)]
+        return [torch.cat([per_rank[r][i] for r in range(self.world_size)])
+                for i in range(len(pending))]
 
     def _all_reduce(self, local: dict[Tensor, Tensor], grads: dict[Tensor, Tensor]) -> None:
         # One flat buffer per pass. Every rank ran the same sites, so the dicts hold the same
@@ -350,10 +366,16 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
         if all(done[n] >= c for n, c in expected.items()):
             raise _RebuildDoneError
 
-    # -- one pass ---------------------------------------------------------------------------------
+    # -- passes -----------------------------------------------------------------------------------
+    # Each pass runs this rank's noisy forward at once; everything that needs the other ranks
+    # waits for the last pass of the step, so a step has one all-gather of the losses of every
+    # pass and (exchange="grads") one all-reduce, whatever the number of passes.
     def _estimate_pass(self, spec: Pass, loss_fn: Callable, inputs: Any, targets: Any,
                        batch: int, clean: Tensor | None, grads: dict[Tensor, Tensor],
                        params: list[nn.Parameter]) -> tuple[float, int, int]:
+        if not self._pending:  # the first pass of the step: how many will run
+            names = self._site_names if self.plan.needs_site_names else ()
+            self._num_passes = len(self.plan.passes(names, self.num_copies))
         k = spec.num_copies
         self.sampler.check_num_copies(k)
         groups = self.sampler.copy_groups(k)
@@ -361,44 +383,30 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
         k0, k1 = copy_range(k, self.rank, self.world_size)
         expand = self._cache_prefix(spec)
         wanted = {id(p) for p in params}
-        local: dict[Tensor, Tensor] = {} if self.exchange == "grads" else grads
-        sink = (local, wanted, params)
-
-        def forward(copies, record, weights=None):
-            out, run = self._forward(spec, inputs, batch, copies=copies, expand=expand,
-                                     record=record, weights=weights, sink=sink)
-            if not run.fired:
-                raise self._no_site_error()
-            return out, run
-
-        def losses_of(out, run):
-            c = run.num_copies
-            return self._losses(loss_fn, out, targets if c == 1 else replicate(targets, c),
-                                run.rows)
+        sink = (self._local if self.exchange == "grads" else grads, wanted, params)
 
         if self.memory == "chunked":
-            step = self.chunk_size
-            chunks = [(c, min(c + step, k1)) for c in range(k0, k1, step)]
+            chunks = [(c, min(c + self.chunk_size, k1)) for c in range(k0, k1, self.chunk_size)]
         else:
             chunks = [(k0, k1)]
         start = self._snapshot()
-        counting = (self._count_calls(spec) if self.exchange == "losses" else None)
+        counting = self._count_calls(spec) if self.exchange == "losses" else None
         if self.exchange == "losses" and self.memory == "store":
             self._kept_noise = []
-        stored = None
-        parts = []
-        rows = 0
+        stored, parts, rows = None, [], 0
         try:
             for ch in chunks:
                 self._restore(start)
-                if self.exchange == "grads" and self.memory == "store":
-                    out, run = forward(ch, True)
-                    stored = run
-                    parts.append(losses_of(out, run))
-                else:
-                    with torch.no_grad():
-                        out, run = forward(ch, False)
-                        parts.append(losses_of(out, run))
+                record = self.exchange == "grads" and self.memory == "store"
+                with torch.set_grad_enabled(record and torch.is_grad_enabled()):
+                    out, run = self._forward(spec, inputs, batch, copies=ch, expand=expand,
+                                             record=record, sink=sink)
+                    if not run.fired:
+                        raise self._no_site_error()
+                    c = run.num_copies
+                    parts.append(self._losses(
+                        loss_fn, out, targets if c == 1 else replicate(targets, c), run.rows))
+                stored = run if record else None
                 del out
                 rows += (ch[1] - ch[0]) * batch
                 if counting is not None:  # calls per forward: count the first chunk only
@@ -409,54 +417,87 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
             if counting is not None:
                 for h in counting[0]:
                     h.remove()
-        end = self._snapshot()
-        kept, self._kept_noise = self._kept_noise, None
-        losses = self._gather_losses(torch.cat(parts), k, batch)
-        weights = self.baseline(losses.view(k, batch),
-                                Context(groups, clean, spec.key)).reshape(-1)
+        self._pending.append({
+            "spec": spec, "copies": (k0, k1), "groups": groups, "expand": expand, "sink": sink,
+            "chunks": chunks, "start": start, "end": self._snapshot(), "losses": torch.cat(parts),
+            "stored": stored, "kept": self._kept_noise,
+            "calls": counting[1] if counting is not None else None})
+        self._kept_noise = None
+        if len(self._pending) < self._num_passes:
+            return 0.0, 0, rows
+        total, count, extra = self._finish(inputs, batch, clean, grads)
+        return total, count, rows + extra
 
-        if self.exchange == "grads":
-            if stored is not None:
-                self._record_grads(stored.records, stored, weights[k0 * batch:k1 * batch],
-                                   local, wanted, params)
-                del stored
-            else:
-                for ch in chunks:
-                    self._restore(start)
+    def _finish(self, inputs: Any, batch: int, clean: Tensor | None,
+                grads: dict[Tensor, Tensor]) -> tuple[float, int, int]:
+        """After the last pass: gather every pass's losses, then weights and gradients."""
+        pending, self._pending = self._pending, []
+        losses = self._gather_losses(pending, batch)
+        rows = 0
+        for item, pass_losses in zip(pending, losses):
+            spec, k = item["spec"], item["spec"].num_copies
+            k0, k1 = item["copies"]
+            weights = self.baseline(pass_losses.view(k, batch),
+                                    Context(item["groups"], clean, spec.key)).reshape(-1)
+            if self.exchange == "losses":
+                rows += self._rebuild_pass(item, inputs, batch, weights)
+            elif item["stored"] is not None:
+                run = item.pop("stored")
+                self._record_grads(run.records, run, weights[k0 * batch:k1 * batch],
+                                   *item["sink"])
+            else:  # replay / chunked: a second forward of this rank's copies with weights
+                for ch in item["chunks"]:
+                    self._restore(item["start"])
                     w = weights[ch[0] * batch:ch[1] * batch]
                     if self.memory == "replay":
-                        forward(ch, False, w)
+                        self._forward(spec, inputs, batch, copies=ch, expand=item["expand"],
+                                      record=False, weights=w, sink=item["sink"])
                     else:
-                        _, run = forward(ch, True)
-                        self._record_grads(run.records, run, w, local, wanted, params)
-                rows *= 2
-            self._all_reduce(local, grads)
-        else:
-            self._restore(start)
-            if counting is not None:
-                calls = counting[1]
-                self._rebuild = (calls, dict.fromkeys(calls, 0))
-            if kept is not None:
-                self._kept_noise, self._replay_pos = kept, 0
-            try:
-                self._forward(spec, inputs, batch, copies=(0, k), expand=expand, record=False,
-                              weights=weights, sink=sink)
-            except _RebuildDoneError:
-                pass
-            finally:
-                self._rebuild = None
-                self._kept_noise = self._replay_pos = None
-            del kept
-            rows += batch if expand else k * batch
-        self._restore(end)
-        return float(losses.sum()), losses.numel(), rows
+                        _, run = self._forward(spec, inputs, batch, copies=ch,
+                                               expand=item["expand"], record=True,
+                                               sink=item["sink"])
+                        self._record_grads(run.records, run, w, *item["sink"])
+                    rows += (ch[1] - ch[0]) * batch
+        self._restore(pending[-1]["end"])
+        if self.exchange == "grads":
+            self._all_reduce(self._local, grads)
+            self._local = {}
+        total = sum(float(pl.sum()) for pl in losses)
+        return total, sum(pl.numel() for pl in losses), rows
+
+    def _rebuild_pass(self, item: dict, inputs: Any, batch: int, weights: Tensor) -> int:
+        """Every copy's gradient of one pass from the gathered weights: the pass again from
+        its start, sites turned into gradients as they fire, stopped after the last one."""
+        spec = item["spec"]
+        self._restore(item["start"])
+        if item["calls"] is not None:
+            self._rebuild = (item["calls"], dict.fromkeys(item["calls"], 0))
+        if item["kept"] is not None:
+            self._kept_noise, self._replay_pos = item.pop("kept"), 0
+        try:
+            self._forward(spec, inputs, batch, copies=(0, spec.num_copies),
+                          expand=item["expand"], record=False, weights=weights,
+                          sink=item["sink"])
+        except _RebuildDoneError:
+            pass
+        finally:
+            self._rebuild = None
+            self._kept_noise = self._replay_pos = None
+        return batch if item["expand"] else spec.num_copies * batch
 
     def loss_and_grads(self, loss_fn: Callable[..., Tensor], inputs: Any,
                        targets: Any = None) -> Tensor:
         """As :meth:`ulr.LikelihoodRatio.loss_and_grads`, with this rank's share of the copies;
         every rank gets the same gradient and the mean loss over all ranks' rows."""
         self.last_bytes_sent = 0
-        return super().loss_and_grads(loss_fn, inputs, targets)
+        self._pending, self._local = [], {}
+        # The passes this call will run (the site names are learnt first if the plan needs
+        # them): the last one finishes the step.
+        self._num_passes = None
+        try:
+            return super().loss_and_grads(loss_fn, inputs, targets)
+        finally:
+            self._pending, self._local = [], {}
 
 
 # ---------------------------------------------------------------------------------------------
