@@ -295,12 +295,12 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
                 for i in range(len(pending))]
 
     def _all_reduce(self, local: dict[Tensor, Tensor], grads: dict[Tensor, Tensor]) -> None:
-        # One flat buffer per pass. Every rank ran the same sites, so the dicts hold the same
-        # parameters in the same (forward) order.
+        # One flat buffer per step. Every rank ran the same passes and sites, so the dicts hold
+        # the same parameters in the same (forward) order.
         if not local:
             return
         items = list(local.items())
-        flat = torch.cat([g.reshape(-1).to(torch.float32) for _, g in items])
+        flat = torch.cat([g.reshape(-1) for _, g in items])
         dist.all_reduce(flat, group=self.group)
         self.last_bytes_sent += flat.numel() * flat.element_size()
         offset = 0
