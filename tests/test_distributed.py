@@ -264,6 +264,7 @@ def test_model_split_equals_one_estimator():
 
 def _cli(*args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ULR_DIST_TIMEOUT": "120",
+           "ULR_DIST_DEADLINE": str(timeout - 30),
            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "ulr", "train", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)

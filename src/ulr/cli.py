@@ -398,8 +398,13 @@ def _launch(nproc: int, argv: list[str]) -> int:
 
     from .distributed import launch
 
+    deadline = os.environ.get("ULR_DIST_DEADLINE")  # seconds; for tests and batch jobs
     try:
-        launch(_rank_main, nproc, argv, results=False)
+        launch(_rank_main, nproc, argv, results=False,
+               deadline_s=float(deadline) if deadline else None)
+    except TimeoutError as e:
+        print(f"ulr train: error: {e}", file=sys.stderr)
+        return 1
     except mp.ProcessExitedException as e:
         return e.exit_code if e.exit_code and e.exit_code > 0 else 1
     except mp.ProcessRaisedException as e:
