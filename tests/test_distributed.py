@@ -335,3 +335,20 @@ def test_train_nproc_refuses_a_used_directory(tmp_path):
     assert r.returncode == 2
     assert r.stderr.count("already exists and is not empty") == 1, r.stderr  # rank 0 says it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.slow
+def test_torchrun_launch(tmp_path):
+    """`torchrun -m ulr train`: the ranks join through torchrun's environment (env://)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ULR_DIST_TIMEOUT": "120",
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "ulr", "train", "--method", "ulr", "--epochs", "1", "--max-steps", "2",
+         "--quiet", "--no-plots", "--out", str(out)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = _rows(out / "metrics.jsonl")
+    assert [(s["rank"], s["world_size"]) for s in rows if s["kind"] == "start"] == [(0, 2)]
+    _same_as_one_process(out, "ulr", 2)
