@@ -119,6 +119,16 @@ def worker(rank, world_size):
         DistributedLikelihoodRatio(model, **{**kw, "num_copies": 1}).loss_and_grads(ce, *batch())
     except ValueError as e:
         errors["copies"] = str(e)
+    try:
+        model, kw = build("layerwise")
+        est = DistributedLikelihoodRatio(model, **kw)
+
+        def inf_on_rank1(out, y):  # only rank 1's copies go wrong
+            return ce(out, y) + (float("inf") if rank == 1 else 0.0)
+
+        est.loss_and_grads(inf_on_rank1, *batch())
+    except ValueError as e:
+        errors["nonfinite"] = (str(e), [p.grad for p in model.parameters()])
     return results, errors
 
 
@@ -198,6 +208,10 @@ def test_errors_reach_every_rank(two_ranks):
     for rank, (_, errors) in enumerate(two_ranks):
         assert "differs between rank 0 and rank 1 (differs in b)" in errors["check_same"]
         assert "1 noise copies but the run has 2 ranks" in errors["copies"]
+        # non-finite losses on rank 1 alone stop both ranks (no hang), before any gradient
+        message, grads = errors["nonfinite"]
+        assert "non-finite losses" in message and "on all ranks together" in message
+        assert all(g is None for g in grads)
 
 
 def test_needs_a_process_group():

@@ -309,6 +309,20 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
             _add(grads, p, flat[offset:offset + n].view_as(g).to(g.dtype))
             offset += n
 
+    # -- losses -----------------------------------------------------------------------------------
+    def _losses(self, loss_fn: Callable, outputs: Any, targets: Any, rows: int) -> Tensor:
+        # Non-finite losses on one rank must stop every rank, not leave the others waiting in
+        # the gather: they travel as NaN and are refused after it, on every rank at once.
+        with torch.no_grad():
+            raw = loss_fn(outputs) if targets is None else loss_fn(outputs, targets)
+        bad = None
+        if isinstance(raw, Tensor) and raw.is_floating_point():
+            mask = ~torch.isfinite(raw)
+            if bool(mask.any()):
+                bad, raw = mask, raw.masked_fill(mask, 0.0)
+        losses = super()._losses(lambda *_: raw, outputs, targets, rows)
+        return losses if bad is None else losses.masked_fill(bad.reshape(rows), float("nan"))
+
     # -- noise kept for the rebuild ---------------------------------------------------------------
     def _sample(self, site: Any, row_shape: torch.Size, num_copies: int, batch: int,
                 device: torch.device) -> Tensor:
@@ -433,6 +447,13 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
         """After the last pass: gather every pass's losses, then weights and gradients."""
         pending, self._pending = self._pending, []
         losses = self._gather_losses(pending, batch)
+        bad = sum(int((~torch.isfinite(pl)).sum()) for pl in losses)
+        if bad:
+            raise ValueError(
+                f"loss_fn returned {bad} non-finite losses out of "
+                f"{sum(pl.numel() for pl in losses)} (NaN/inf, on all ranks together); no "
+                f"gradient was written. Lower the noise scale or the learning rate, or check "
+                f"the loss")
         rows = 0
         for item, pass_losses in zip(pending, losses):
             spec, k = item["spec"], item["spec"].num_copies
