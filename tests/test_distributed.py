@@ -342,6 +342,7 @@ def test_train_nproc_2_resume(tmp_path):
     _same_as_one_process(out, "ulr", 4)
 
 
+@pytest.mark.slow
 def test_train_nproc_refuses_a_used_directory(tmp_path):
     (tmp_path / "file").write_text("x")
     r = _cli("--nproc", "2", "--method", "ulr", "--max-steps", "1", "--out", str(tmp_path),
