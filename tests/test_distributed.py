@@ -64,12 +64,15 @@ def build(kind):
                   noise={"0": ulr.weight_noise(ulr.Gaussian(0.05)), "*": ulr.Gaussian(0.1)},
                   baseline=ulr.baselines.chain(ulr.baselines.clean(),
                                                ulr.baselines.running_average()))
+    elif kind == "learnable":  # per-unit sigma learnt by its own LR gradient
+        kw.update(plan=ulr.plans.layerwise(), noise=ulr.Gaussian(0.1, learnable=True),
+                  baseline=ulr.baselines.leave_one_out())
     elif kind == "odd-copies":  # 7 copies: ranks run 3 and 4
         kw.update(num_copies=7, plan=ulr.plans.layerwise(), baseline=ulr.baselines.leave_one_out())
     return model, kw
 
 
-KINDS = ("layerwise", "all-sites", "weight-noise", "odd-copies", "marks")
+KINDS = ("layerwise", "all-sites", "weight-noise", "learnable", "odd-copies", "marks")
 
 
 def batch():
@@ -82,13 +85,15 @@ def run_steps(est, model, steps=2):
     x, y = batch()
     out = []
     for _ in range(steps):
-        for p in model.parameters():
+        params = [*model.parameters(), *est.noise_parameters()]
+        for p in params:
             p.grad = None
         loss = est.loss_and_grads(ce, x, y)
-        out.append({"grads": [p.grad.clone() for p in model.parameters()], "loss": float(loss),
+        params = [*model.parameters(), *est.noise_parameters()]
+        out.append({"grads": [p.grad.clone() for p in params], "loss": float(loss),
                     "bytes": getattr(est, "last_bytes_sent", None)})
         with torch.no_grad():
-            for p in model.parameters():
+            for p in params:
                 p.sub_(0.1 * p.grad)
     out.append({"next": torch.rand(3, generator=est.generator)})
     return out
