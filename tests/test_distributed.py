@@ -67,12 +67,16 @@ def build(kind):
     elif kind == "learnable":  # per-unit sigma learnt by its own LR gradient
         kw.update(plan=ulr.plans.layerwise(), noise=ulr.Gaussian(0.1, learnable=True),
                   baseline=ulr.baselines.leave_one_out())
+    elif kind == "sobol":  # a stateful sampler (scrambled Sobol engines per width)
+        kw.update(plan=ulr.plans.layerwise(), sampler=ulr.antithetic(ulr.sobol()),
+                  baseline=ulr.baselines.clean())
     elif kind == "odd-copies":  # 7 copies: ranks run 3 and 4
         kw.update(num_copies=7, plan=ulr.plans.layerwise(), baseline=ulr.baselines.leave_one_out())
     return model, kw
 
 
-KINDS = ("layerwise", "all-sites", "weight-noise", "learnable", "odd-copies", "marks")
+KINDS = ("layerwise", "all-sites", "weight-noise", "learnable", "sobol", "odd-copies",
+         "marks")
 
 
 def batch():

@@ -166,3 +166,25 @@ def test_replay_retry_with_autograd_does_not_count_sites_twice():
     want, _, _ = _grads(model, make("store"), x, y)
     got, _, _ = _grads(model, make("replay"), x, y)
     _assert_same(got, want)
+
+
+def test_sobol_snapshots_restore_in_any_order():
+    """Restoring an early snapshot drops the engines created after it; restoring a later
+    snapshot afterwards (as multi-process loss exchange does, pass by pass) rebuilds them."""
+    sampler, noise = ulr.sobol(), ulr.Gaussian(1.0)
+    g = torch.Generator().manual_seed(0)
+
+    def draw(width):
+        return sampler.sample(noise, 4, torch.Size((2, width)), generator=g, device="cpu")
+
+    draw(3)
+    first = g.get_state(), sampler.snapshot()
+    draw(5)  # a new engine for width 5
+    second = g.get_state(), sampler.snapshot()
+    want = draw(5), draw(3)
+    g.set_state(first[0])
+    sampler.restore(first[1])
+    g.set_state(second[0])
+    sampler.restore(second[1])
+    got = draw(5), draw(3)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
