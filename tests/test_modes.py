@@ -140,3 +140,51 @@ def test_memory_argument_errors(mlp):
         ulr.LikelihoodRatio(mlp, chunk_size=4)
     with pytest.raises(ValueError, match="'store', 'chunked' or 'replay'"):
         ulr.LikelihoodRatio(mlp, memory="disk")
+
+
+def test_replay_retry_with_autograd_does_not_count_sites_twice():
+    """A mark met without autograd makes the forward start over with it; in replay the sites
+    before the mark had already written their gradients, which the retry must drop."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(ulr.perturb("mid", torch.tanh(self.a(x))))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+
+    def make(mode):
+        return lambda: ulr.LikelihoodRatio(
+            model, sites=ulr.sites.param_owners() | ulr.sites.marked(), num_copies=4,
+            memory=mode, generator=torch.Generator().manual_seed(0))
+
+    want, _, _ = _grads(model, make("store"), x, y)
+    got, _, _ = _grads(model, make("replay"), x, y)
+    _assert_same(got, want)
+
+
+def test_sobol_snapshots_restore_in_any_order():
+    """Restoring an early snapshot drops the engines created after it; restoring a later
+    snapshot afterwards (as multi-process loss exchange does, pass by pass) rebuilds them."""
+    sampler, noise = ulr.sobol(), ulr.Gaussian(1.0)
+    g = torch.Generator().manual_seed(0)
+
+    def draw(width):
+        return sampler.sample(noise, 4, torch.Size((2, width)), generator=g, device="cpu")
+
+    draw(3)
+    first = g.get_state(), sampler.snapshot()
+    draw(5)  # a new engine for width 5
+    second = g.get_state(), sampler.snapshot()
+    want = draw(5), draw(3)
+    g.set_state(first[0])
+    sampler.restore(first[1])
+    g.set_state(second[0])
+    sampler.restore(second[1])
+    got = draw(5), draw(3)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -170,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(train, "Run directory; with several methods, the directory that holds "
                                "one sub-directory per method")
     _add_run_options(train)
+    group = train.add_argument_group("processes")
+    group.add_argument("--nproc", type=int, default=1, metavar="N", help=(
+        "Train on N local processes (torch.distributed: gloo on CPU, NCCL with one GPU per "
+        "process): the noise copies of each pass are split over the processes, which compute "
+        "the same estimate as one process with the same seed; only process 0 writes the run "
+        "directory. Give each process its --threads. For several machines use torchrun "
+        "--nproc-per-node N -m ulr train ... instead (docs/distributed.md). (default: 1)"))
 
     compare = sub.add_parser("compare", help="compare methods or config files side by side",
                              description=_COMPARE_DESCRIPTION, epilog=_COMPARE_EPILOG,
@@ -314,8 +321,10 @@ def _plan_resume(path: Path, overrides: dict[str, Any]) -> tuple[list[_Planned],
 
 def _execute(planned: list[_Planned], group: Path | None, *, quiet: bool,
              plots: bool) -> int:
+    from .distributed import rank
     from .train import ConsoleProgress, TrainingInterrupted, fit, format_table
 
+    leader = rank() == 0
     summaries = []
     try:
         for p in planned:
@@ -323,16 +332,20 @@ def _execute(planned: list[_Planned], group: Path | None, *, quiet: bool,
             summaries.append(fit(p.config, p.dir, resume=p.resume, callbacks=[progress],
                                  label=p.label))
     except Exception:
-        if group is not None and not summaries:
+        if group is not None and not summaries and leader:
             _remove_if_unused(group)
         raise
     except TrainingInterrupted as e:
+        if not leader:
+            return 130
         where = group if group is not None else e.run_dir
         current = planned[len(summaries)].label
         print(f"\ninterrupted: {where} keeps the last checkpoint (run {current!r} after epoch "
               f"{e.epoch}, step {e.step}); continue with: ulr train --resume {where}",
               file=sys.stderr)
         return 130
+    if not leader:
+        return 0
     table = format_table(summaries)
     print()
     print(table)
@@ -361,22 +374,57 @@ def _remove_if_unused(group: Path) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .distributed import on_rank0, rank
+
     flags = _flag_values(args)
     file_values = load_toml(args.config) if args.config else {}
+    # Under several processes, rank 0 alone names, checks and creates the directories.
+    quiet = args.quiet or rank() > 0
     if args.resume:
-        planned, group = _plan_resume(Path(args.resume), _layer(file_values, flags))
-        return _execute(planned, group, quiet=args.quiet, plots=args.plots)
+        planned, group = on_rank0(_plan_resume, Path(args.resume), _layer(file_values, flags))
+        return _execute(planned, group, quiet=quiet, plots=args.plots)
     values = _layer({"method": DEFAULT_METHODS, **file_values}, flags)
     configs = configs_from_values(values, args.config or "command line")
     first = configs[0]
     methods = [c.method for c in configs]
-    out = Path(args.out) if args.out else _new_dir([first.model, first.data, *methods])
-    if len(configs) == 1:
-        _check_fresh(out)
-        return _execute([_Planned(first.method, first, out)], None, quiet=args.quiet,
-                        plots=args.plots)
-    planned = _plan_group(out, methods, configs, "train")
-    return _execute(planned, out, quiet=args.quiet, plots=args.plots)
+
+    def plan() -> tuple[list[_Planned], Path | None]:
+        out = Path(args.out) if args.out else _new_dir([first.model, first.data, *methods])
+        if len(configs) == 1:
+            _check_fresh(out)
+            return [_Planned(first.method, first, out)], None
+        return _plan_group(out, methods, configs, "train"), out
+
+    planned, group = on_rank0(plan)
+    return _execute(planned, group, quiet=quiet, plots=args.plots)
+
+
+def _rank_main(rank: int, world_size: int, argv: list[str]) -> None:
+    """One process of ``ulr train --nproc N`` (its process group is already set up)."""
+    code = main(argv)
+    if code:
+        sys.exit(code)
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """``ulr train --nproc N``: N local processes, each running this command."""
+    import torch.multiprocessing as mp
+
+    from .distributed import launch
+
+    deadline = os.environ.get("ULR_DIST_DEADLINE")  # seconds; for tests and batch jobs
+    try:
+        launch(_rank_main, nproc, argv, results=False,
+               deadline_s=float(deadline) if deadline else None)
+    except TimeoutError as e:
+        print(f"ulr train: error: {e}", file=sys.stderr)
+        return 1
+    except mp.ProcessExitedException as e:
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+    except mp.ProcessRaisedException as e:
+        print(f"ulr train: a process failed:\n{e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -437,9 +485,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     with exit code 2 (set ``ULR_TRACEBACK=1`` for the traceback); Ctrl-C exits with 130.
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
+        return 2
+    if args.command == "train":
+        return _train_processes(args, argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"ulr {args.command}: error: only 'ulr train' runs on several processes; run "
+              f"'ulr {args.command}' without torchrun", file=sys.stderr)
         return 2
     command = {"train": _train, "compare": _compare, "plot": _plot,
                "bench": _bench}[args.command]
@@ -456,3 +511,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nulr {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _train_processes(args: argparse.Namespace, argv: list[str]) -> int:
+    """``ulr train`` in one process, as N local processes (``--nproc``), or as one rank of a
+    ``torchrun`` launch (``WORLD_SIZE`` set)."""
+    import torch.distributed as dist
+
+    from .distributed import init_from_env, rank
+
+    launched = "WORLD_SIZE" in os.environ
+    if args.nproc < 1:
+        print(f"ulr train: error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    if launched and args.nproc > 1 and args.nproc != int(os.environ["WORLD_SIZE"]):
+        print(f"ulr train: error: --nproc {args.nproc} conflicts with the launcher's "
+              f"WORLD_SIZE={os.environ['WORLD_SIZE']}; drop --nproc under torchrun",
+              file=sys.stderr)
+        return 2
+    if args.nproc > 1 and not launched:
+        try:
+            return _launch(args.nproc, argv)
+        except KeyboardInterrupt:
+            return 130
+    started = init_from_env()
+    from .train import CheckpointError
+
+    try:
+        return _train(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ImportError, ValueError,
+            TypeError) as e:
+        if os.environ.get("ULR_TRACEBACK"):
+            raise
+        if rank() == 0:
+            print(f"ulr train: error: {e}", file=sys.stderr)
+        elif not isinstance(e, (ConfigError, CheckpointError)):
+            print(f"ulr train: error (rank {rank()}): {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if rank() == 0:
+            print("\nulr train: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()

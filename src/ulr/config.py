@@ -271,6 +271,14 @@ class RunConfig:
     eval_batch_size: int = field(default=1024, metadata=_meta(
         "run", "Examples per evaluation batch (memory only; results do not depend on it).",
         check=_at_least(1), rule=">= 1"))
+    exchange: str = field(default="grads", metadata=_meta(
+        "run",
+        "What the processes of a multi-process ULR run (torchrun, --nproc) exchange to finish "
+        "each gradient: grads all-reduces the partial gradients (|theta| numbers per step); "
+        "losses sends only the per-row losses (K*B numbers per pass) and every rank rebuilds "
+        "the gradient by regenerating the other ranks' noise: cheap with the layerwise plan "
+        "(see docs/distributed.md). Same estimate either way; ignored in one process.",
+        choices=("grads", "losses")))
     diag_every: int = field(default=0, metadata=_meta(
         "run",
         "Every N steps, log the per-layer cosine and norm ratio of the ULR gradient against "
@@ -326,7 +334,7 @@ _TYPES = {
     "optimizer": str, "lr": float, "momentum": float, "weight_decay": float, "schedule": str,
     "step_size": int, "gamma": float, "grad_clip": float, "batch_size": int, "epochs": int,
     "max_steps": int, "seed": int, "device": str, "threads": int, "eval_batch_size": int,
-    "diag_every": int,
+    "diag_every": int, "exchange": str,
 }
 assert set(_TYPES) == set(_FIELDS), "every RunConfig field needs a type in _TYPES"
 _OPTIONAL = {n for n, f in _FIELDS.items() if f.default is None}

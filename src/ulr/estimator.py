@@ -549,6 +549,8 @@ class LikelihoodRatio:
         tiled = ({t.data_ptr(): t.numel() for t in _tensors(rep) if t.layout == torch.strided}
                  if c > 1 and not expand else {})
         snapshot = self._snapshot()
+        # replay turns sites into gradients during the forward: a retry must drop them
+        written = dict(sink[0]) if weights is not None and sink is not None else None
         grad = self._needs_grad and spec is not None and (record or weights is not None)
         while True:
             run = _PassRun(self, spec, batch, copies=copies, expand=expand, tiled=tiled,
@@ -565,6 +567,9 @@ class LikelihoodRatio:
             except _NeedGradError:
                 self._needs_grad = grad = True
                 self._restore(snapshot)
+                if written is not None:
+                    sink[0].clear()
+                    sink[0].update(written)
             except RuntimeError as err:
                 if expand:
                     raise RuntimeError(

@@ -158,14 +158,18 @@ class _Sobol(Sampler):
             self._engines[int(d)] = (seed, engines)
 
     def snapshot(self) -> object:
-        return {d: engines[0].num_generated for d, (_, engines) in self._engines.items()}
+        return {d: (seed, engines[0].num_generated)
+                for d, (seed, engines) in self._engines.items()}
 
     def restore(self, snapshot: object) -> None:
-        # reset + fast_forward is cheap; rebuilding the scrambled engines is not.
+        # reset + fast_forward is cheap; rebuilding the scrambled engines is not, so an engine
+        # is rebuilt only when an earlier restore dropped it (snapshots restored out of order).
         for d in list(self._engines):
             if d not in snapshot:
                 del self._engines[d]
-        for d, drawn in snapshot.items():
+        for d, (seed, drawn) in snapshot.items():
+            if d not in self._engines:
+                self._engines[d] = (seed, self._build(d, seed))
             for e in self._engines[d][1]:
                 e.reset()
                 e.fast_forward(drawn)

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import __version__, baselines, data, models, plans
+from . import __version__, baselines, data, distributed, models, plans
 from .config import RunConfig, to_toml
 from .estimator import LikelihoodRatio
 from .noise import Gaussian, Laplace, Logistic, weight_noise
@@ -160,10 +160,12 @@ def _dataset(name: str, root: str | None, seed: int, val_fraction: float) -> dat
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but torch sees no CUDA device; use "
                          "--device cpu (or auto)")
+    if name == "cuda" and distributed.is_distributed():  # one GPU per local rank
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", distributed.rank())))
     return torch.device(name)
 
 
@@ -187,6 +189,9 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device,
         return None
     generator = torch.Generator(device=device).manual_seed(_stream_seed(config.seed, "noise"))
     if config.method != "ulr":
+        if distributed.is_distributed():
+            raise ValueError(f"method {config.method!r} runs in one process; several processes "
+                             f"(--nproc, torchrun) train ulr and bp")
         from . import peers
 
         try:
@@ -217,7 +222,10 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device,
         if unknown:
             raise ValueError(f"sites {unknown} match no module of {config.model}; its modules "
                              f"are {names}")
-    return LikelihoodRatio(
+    # Several processes: every rank draws the same noise stream and runs its share of copies.
+    cls, extra = ((distributed.DistributedLikelihoodRatio, {"exchange": config.exchange})
+                  if distributed.is_distributed() else (LikelihoodRatio, {}))
+    return cls(
         model,
         sites=None if config.sites is None else by_name(*config.sites),
         noise=noise,
@@ -230,6 +238,7 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device,
         memory=config.memory,
         chunk_size=config.chunk_size if config.memory == "chunked" else None,
         replicate=replicate,
+        **extra,
     )
 
 
@@ -569,6 +578,14 @@ def _load_checkpoint(run_dir: Path, config: RunConfig) -> dict[str, Any]:
     return ckpt
 
 
+def _check_empty(run_dir: Path) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise CheckpointError(
+            f"run directory {run_dir} already exists and is not empty; choose another --out, "
+            f"or continue that run with --resume {run_dir}"
+        )
+
+
 def _restore(ckpt: dict[str, Any], run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
              sched: Any, est: Any) -> None:
     try:
@@ -639,6 +656,11 @@ def fit(
         callbacks: progress hooks (see :class:`Callback`, :class:`ConsoleProgress`).
         label: name of the run in callbacks and tables (default: ``config.method``).
 
+    Inside a ``torch.distributed`` process group of several ranks (``ulr train --nproc N``,
+    ``torchrun``), every rank calls ``fit`` with the same config: ULR splits the noise copies
+    over the ranks (:class:`ulr.distributed.DistributedLikelihoodRatio`, ``config.exchange``),
+    backprop splits the batch, and only rank 0 writes ``out_dir`` (see docs/distributed.md).
+
     Returns:
         The summary (also written to ``summary.json``): ``final`` and ``best`` metrics, steps,
         epochs_completed, wall_time_s, train_time_s, forward_rows, forward_passes, samples,
@@ -657,15 +679,15 @@ def fit(
     label = label or config.method
     run_dir = Path(out_dir) if out_dir is not None else None
     ckpt = None
+    if distributed.is_distributed():
+        distributed.check_same(config.to_dict(), "the run config")
     if resume:
         if run_dir is None:
             raise ValueError("resume=True needs the out_dir of the run to continue")
-        ckpt = _load_checkpoint(run_dir, config)
-    elif run_dir is not None and run_dir.exists() and any(run_dir.iterdir()):
-        raise CheckpointError(
-            f"run directory {run_dir} already exists and is not empty; choose another --out, "
-            f"or continue that run with --resume {run_dir}"
-        )
+        # Rank 0 reads the checkpoint and hands it to the others (their disk may differ).
+        ckpt = distributed.on_rank0(_load_checkpoint, run_dir, config)
+    elif run_dir is not None:
+        distributed.on_rank0(_check_empty, run_dir)
 
     ds = _dataset(config.data, config.data_dir, config.seed, config.val_fraction)
     if getattr(ds, "task", None) not in _TASKS:
@@ -708,6 +730,9 @@ class _Trainer:
         self.opt = _optimizer(config, self.params)
         self.sched = _scheduler(config, self.opt)
         self.graph = ds.task == "node-classification"
+        if self.graph and distributed.is_distributed():
+            raise ValueError(f"dataset {config.data!r} is one graph: ulr train runs it in one "
+                             f"process (drop --nproc / torchrun)")
         loss = _row_loss(self.task)
         if self.graph:
             hops = getattr(model, "loss_hops", None)
@@ -748,6 +773,12 @@ class _Trainer:
         self.loss_fn = _Counting(loss, self.task != "regression")
         self.plain_loss = _row_loss(self.task)
         self.env = environment(device)
+        # Several processes (torchrun / --nproc): rank 0 alone writes files and prints.
+        self.multi = distributed.is_distributed()
+        self.writer = distributed.rank() == 0
+        if self.multi:
+            self.env.update(world_size=distributed.world_size(), rank=distributed.rank(),
+                            backend=torch.distributed.get_backend())
         self.memory = _MemoryMonitor()
         self.log: Any = None
         self.forward_calls = 0
@@ -757,7 +788,7 @@ class _Trainer:
     # -- files ------------------------------------------------------------------------------------
     def open_files(self, stack: contextlib.ExitStack) -> None:
         run_dir, config = self.run_dir, self.config
-        if run_dir is None:
+        if run_dir is None or not self.writer:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.resumed:
@@ -783,7 +814,7 @@ class _Trainer:
         """Checkpoint; ``epoch_start_state`` is the data generator as it was when the epoch in
         progress (or the next one) drew its order."""
         self.saved_at = (self.prog.epoch, self.prog.step)
-        if self.run_dir is None:
+        if self.run_dir is None or not self.writer:
             return
         self.log.flush()
         state = {
@@ -833,9 +864,13 @@ class _Trainer:
         calls_before = self.forward_calls
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
+        sent = None
         if est is not None:
             loss = float(est.loss_and_grads(self.loss_fn, xb, yb))
             rows = est.last_forward_rows
+            sent = getattr(est, "last_bytes_sent", None)
+        elif self.multi:
+            loss, rows, sent = self._bp_step(xb, yb)
         else:
             loss_t = self.loss_fn(_call(self.model, xb), yb).mean()
             loss_t.backward()
@@ -858,6 +893,10 @@ class _Trainer:
             # report the mean loss of the labelled nodes it saw (all copies), as for bp.
             loss = node_loss
         correct, acc_rows = self.loss_fn.take()
+        if self.multi:  # each rank counted the rows it ran
+            counts = torch.tensor([correct, acc_rows], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(counts)
+            correct, acc_rows = int(counts[0]), int(counts[1])
         prog.step += 1
         prog.batch_in_epoch += 1
         prog.samples += _num_rows(xb)
@@ -873,6 +912,8 @@ class _Trainer:
                "lr": self.opt.param_groups[0]["lr"],
                "samples_per_s": _num_rows(xb) / dt if dt > 0 else None,
                "forward_rows": rows, "forward_passes": passes}
+        if sent is not None:
+            row["bytes_sent"] = sent
         self.write(row)
         for cb in self.callbacks:
             cb.on_step(row)
@@ -883,6 +924,18 @@ class _Trainer:
             self.write(drow)
             for cb in self.callbacks:
                 cb.on_diag(drow)
+
+    def _bp_step(self, xb: Tensor, yb: Tensor) -> tuple[float, int, int]:
+        """Backprop over several processes: each rank takes its share of the batch, the
+        gradients (of the mean over the whole batch) are summed by one all-reduce."""
+        r, n = distributed.rank(), distributed.world_size()
+        b0, b1 = len(xb) * r // n, len(xb) * (r + 1) // n
+        part = self.loss_fn(self.model(xb[b0:b1]), yb[b0:b1]).sum() / len(xb)
+        part.backward()
+        sent = distributed.all_reduce_grads(self.params)
+        loss = part.detach().double().reshape(1)
+        torch.distributed.all_reduce(loss)
+        return float(loss), b1 - b0, sent + loss.element_size()
 
     def _count_forward(self, module: nn.Module, args: Any) -> None:
         self.forward_calls += 1
@@ -918,7 +971,7 @@ class _Trainer:
                            sum(p.numel() for p in self.params), self.memory.peak or None)
         if self.device.type == "cuda":
             summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.writer:
             _write_json(self.run_dir / SUMMARY, summary)
         for cb in self.callbacks:
             cb.on_train_end(summary)
