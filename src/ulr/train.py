@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import __version__, baselines, data, models, plans
+from . import __version__, baselines, data, hybrid, models, plans
 from .config import RunConfig, to_toml
 from .estimator import LikelihoodRatio
 from .noise import Gaussian, Laplace, Logistic, weight_noise
@@ -181,8 +181,11 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device) -> Lik
     if config.recommended:
         rec = models.recommended_config(model)
         # Named layers first: the noise mapping takes the first matching pattern.
+        # A weight-noise site yields only its own layer's gradient, so block ends of hybrid
+        # runs (--blocks) take output noise there.
+        weights = {} if config.blocks is not None else rec.get("weight_sigma", {})
         noise = {**{n: cls(s) for n, s in rec["sigma"].items()},
-                 **{n: weight_noise(cls(s)) for n, s in rec.get("weight_sigma", {}).items()},
+                 **{n: weight_noise(cls(s)) for n, s in weights.items()},
                  "*": cls(config.sigma)}
         copies = rec["num_copies"]
     baseline = {
@@ -198,10 +201,13 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device) -> Lik
         if unknown:
             raise ValueError(f"sites {unknown} match no module of {config.model}; its modules "
                              f"are {names}")
+    sites = None if config.sites is None else by_name(*config.sites)
+    if config.blocks is not None:
+        sites = hybrid.blocks(model, config.blocks)
     generator = torch.Generator(device=device).manual_seed(_stream_seed(config.seed, "noise"))
     return LikelihoodRatio(
         model,
-        sites=None if config.sites is None else by_name(*config.sites),
+        sites=sites,
         noise=noise,
         num_copies=config.num_copies,
         sampler={"antithetic": antithetic, "iid": iid, "sobol": sobol,
@@ -633,7 +639,9 @@ class _Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = _optimizer(config, self.params)
         self.sched = _scheduler(config, self.opt)
-        self.est = _estimator(config, model, device) if config.method == "ulr" else None
+        # --blocks 0: no noise site at all, i.e. plain backprop
+        ulr_run = config.method == "ulr" and config.blocks != 0
+        self.est = _estimator(config, model, device) if ulr_run else None
         self.data_gen = torch.Generator().manual_seed(_stream_seed(config.seed, "data"))
         self.prog = _Progress()
         self.resumed = ckpt is not None
