@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ["speed.py", "variance.py", "memory.py", "training.py", "peers_quality.py", "peers_training.py"]
+BENCHMARKS = ["speed.py", "variance.py", "memory.py", "training.py", "peers_quality.py",
+              "peers_training.py"]
 BENCHMARKS += ["architectures.py", "rnn_time.py"]
+BENCHMARKS += ["hybrid.py", "parallel_assembly.py", "domain_adaptation.py"]
 
 
 def test_coverage():
