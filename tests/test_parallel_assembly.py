@@ -181,3 +181,16 @@ def test_cuda_streams_give_the_sequential_gradients(name):
     for g, w in zip(got, want):
         # the same kernels on other streams: bitwise unless a kernel is nondeterministic
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-8)
+
+
+def test_ulr_train_workers_gives_the_same_run():
+    from ulr.config import ConfigError, RunConfig
+    from ulr.train import fit
+
+    tiny = dict(model="lenet5", batch_size=64, num_copies=4, threads=1, device="cpu", epochs=1,
+                max_steps=3)
+    a, b = fit(RunConfig(**tiny)), fit(RunConfig(**tiny, workers=2))
+    for key in ("test_acc", "test_loss", "val_loss", "train_loss"):
+        assert a["final"][key] == b["final"][key], key
+    with pytest.raises(ConfigError, match="workers > 0 needs memory"):
+        RunConfig(workers=2, memory="replay")

@@ -206,6 +206,13 @@ class RunConfig:
         "method and estimator", "Copies per chunk with --memory chunked.",
         check=_at_least(1), rule=">= 1", default_text="none"))
 
+    workers: int = field(default=0, metadata=_meta(
+        "method and estimator",
+        "Threads that assemble the per-site gradients once a pass's losses are known, "
+        "overlapping the next pass's forward (CUDA: one stream each). Same gradients, bit for "
+        "bit; whether it is faster depends on free cores (docs/rearrangement.md). 0: in the "
+        "training thread. Not with --memory replay.", check=_at_least(0), rule=">= 0"))
+
     # -- optimisation ----------------------------------------------------------------------------
     optimizer: str = field(default="adam", metadata=_meta(
         "optimisation", "torch.optim optimizer fed with the estimated gradients.",
@@ -272,6 +279,9 @@ class RunConfig:
             object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name), "RunConfig"))
         if self.method == "ulr" and self.memory == "chunked" and self.chunk_size is None:
             raise ConfigError("memory='chunked' needs chunk_size (copies per chunk)")
+        if self.method == "ulr" and self.workers and self.memory == "replay":
+            raise ConfigError("workers > 0 needs memory 'store' or 'chunked' (replay turns each "
+                              "site into gradients inside the forward pass)")
         if self.method == "ulr" and self.blocks is not None and self.sites is not None:
             raise ConfigError(
                 f"blocks={self.blocks} and sites={self.sites} both choose the noise sites; "
@@ -318,7 +328,7 @@ _TYPES = {
     "method": str, "num_copies": int, "noise": str, "sigma": float, "sampler": str,
     "baseline": str, "baseline_decay": float, "plan": str, "sites": list, "blocks": int,
     "recommended": bool,
-    "memory": str, "chunk_size": int,
+    "memory": str, "chunk_size": int, "workers": int,
     "optimizer": str, "lr": float, "momentum": float, "weight_decay": float, "schedule": str,
     "step_size": int, "gamma": float, "grad_clip": float, "batch_size": int, "epochs": int,
     "max_steps": int, "seed": int, "device": str, "threads": int, "eval_batch_size": int,

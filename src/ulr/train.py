@@ -84,7 +84,7 @@ _FORMAT = "ulr-run-checkpoint"
 _FORMAT_VERSION = 1
 
 #: Config fields that ``--resume`` may change; any other change makes a different run.
-RESUMABLE = ("epochs", "max_steps", "threads", "diag_every", "eval_batch_size")
+RESUMABLE = ("epochs", "max_steps", "threads", "diag_every", "eval_batch_size", "workers")
 
 #: Datasets that ``ulr train`` is tested with (others of the same kind work too).
 _TRAINABLE = ("digits", "mnist-subset", "fashion-mnist", "mnist1d", "adding", "sequential-digits")
@@ -217,6 +217,7 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device) -> Lik
         generator=generator,
         memory=config.memory,
         chunk_size=config.chunk_size if config.memory == "chunked" else None,
+        workers=config.workers,
     )
 
 
