@@ -627,13 +627,8 @@ class LikelihoodRatio:
                       grads: dict[Tensor, Tensor], wanted: set[int],
                       params: list[nn.Parameter]) -> None:
         """Turn records into gradients: ``weights [rows of run]``, normalised by all rows."""
-        per_record, tail = self._record_parts(list(enumerate(records)), run, weights, wanted,
-                                              params)
-        for i in range(len(records)):
-            for p, g in per_record.get(i, ()):
-                _add(grads, p, g)
-        for p, g in tail:
-            _add(grads, p, g)
+        self._record_parts(list(enumerate(records)), run, weights, wanted, params,
+                           lambda i, p, g: _add(grads, p, g))
 
     def _assemble(self, records: list[_Record], run: _PassRun, weights: Tensor,
                   grads: dict[Tensor, Tensor], wanted: set[int],
@@ -647,40 +642,49 @@ class LikelihoodRatio:
         while self._assembler.pending() >= 1:
             self._assembler.merge_oldest(functools.partial(_add, grads))
         vjp = [(i, r) for i, r in enumerate(records) if r.kind == "vjp"]
-        tasks = [functools.partial(self._record_parts, [(i, r)], run, weights, wanted, params)
+        tasks = [functools.partial(self._collect_parts, [(i, r)], run, weights, wanted, params)
                  for i, r in enumerate(records) if r.kind != "vjp"]
         if vjp:
-            tasks.append(functools.partial(self._record_parts, vjp, run, weights, wanted,
+            tasks.append(functools.partial(self._collect_parts, vjp, run, weights, wanted,
                                            params))
         self._assembler.submit(len(records), tasks, weights.device)
 
-    def _record_parts(self, records: list[tuple[int, _Record]], run: _PassRun, weights: Tensor,
-                      wanted: set[int], params: list[nn.Parameter]
-                      ) -> tuple[dict[int, list[tuple[Tensor, Tensor]]], list]:
-        """The gradient terms ``(parameter, gradient)`` of ``(index, record)`` pairs: per record
-        index, in the order they are added, and the terms of the one autograd VJP of all the
-        ``"vjp"`` records among them (added after every record's own terms)."""
-        rows = run.rows_total
+    def _collect_parts(self, records: list[tuple[int, _Record]], run: _PassRun,
+                       weights: Tensor, wanted: set[int], params: list[nn.Parameter]
+                       ) -> tuple[dict[int, list[tuple[Tensor, Tensor]]], list]:
+        """:meth:`_record_parts` into lists: terms per record index, and the VJP's terms."""
         per_record: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        tail: list[tuple[Tensor, Tensor]] = []
+
+        def emit(i: int | None, p: Tensor, g: Tensor) -> None:
+            (tail if i is None else per_record.setdefault(i, [])).append((p, g))
+
+        self._record_parts(records, run, weights, wanted, params, emit)
+        return per_record, tail
+
+    def _record_parts(self, records: list[tuple[int, _Record]], run: _PassRun, weights: Tensor,
+                      wanted: set[int], params: list[nn.Parameter],
+                      emit: Callable[[int | None, Tensor, Tensor], None]) -> None:
+        """Compute the gradient terms of ``(index, record)`` pairs and hand each to
+        ``emit(index, parameter, gradient)`` in the order they are to be added; the terms of
+        the one autograd VJP of all ``"vjp"`` records among them come last, with index None."""
+        rows = run.rows_total
         outs, signals = [], []
         for i, rec in records:
-            terms = per_record[i] = []
             noise, module = rec.site.noise, rec.site.module
             if noise.learnable:
-                terms.append((noise.log_scale, noise.log_scale_grad(rec.noise, weights, rows)))
+                emit(i, noise.log_scale, noise.log_scale_grad(rec.noise, weights, rows))
                 if rec.bias_noise is not None:
-                    g = noise.log_scale_grad(rec.bias_noise, weights, rows)
-                    terms.append((noise.log_scale, g))
+                    emit(i, noise.log_scale, noise.log_scale_grad(rec.bias_noise, weights, rows))
             if rec.kind == "noise-only":
                 continue
             # the record's noise is not needed after this: the signal takes its storage
             signal = noise.signal_(rec.noise, weights, rows)
             if rec.kind == "weight":
                 if id(module.weight) in wanted:
-                    terms.append((module.weight, signal.sum(0)))
+                    emit(i, module.weight, signal.sum(0))
                 if rec.bias_noise is not None and id(module.bias) in wanted:
-                    terms.append((module.bias,
-                                  noise.signal_(rec.bias_noise, weights, rows).sum(0)))
+                    emit(i, module.bias, noise.signal_(rec.bias_noise, weights, rows).sum(0))
                 continue
             if rec.tiled:
                 signal = signal.view(run.num_copies, run.batch, *signal.shape[1:]).sum(0)
@@ -688,17 +692,15 @@ class LikelihoodRatio:
                 for pname, g in module_grads(module, rec.inputs, signal).items():
                     p = getattr(module, pname)
                     if id(p) in wanted:
-                        terms.append((p, g))
+                        emit(i, p, g)
             else:
                 outs.append(rec.value)
                 signals.append(signal.to(rec.value.dtype))
-        tail = []
         if outs and params:
             for p, g in zip(params, torch.autograd.grad(outs, params, signals, allow_unused=True),
                             strict=True):
                 if g is not None:
-                    tail.append((p, g))
-        return per_record, tail
+                    emit(None, p, g)
 
     def _estimate_pass(self, spec: Pass, loss_fn: Callable, inputs: Any, targets: Any,
                        batch: int, clean: Tensor | None, grads: dict[Tensor, Tensor],
