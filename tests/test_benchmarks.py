@@ -10,6 +10,7 @@ BENCHMARKS = ["speed.py", "variance.py", "memory.py", "training.py", "peers_qual
               "peers_training.py"]
 BENCHMARKS += ["architectures.py", "rnn_time.py"]
 BENCHMARKS += ["distributed.py"]
+BENCHMARKS += ["hybrid.py", "parallel_assembly.py", "domain_adaptation.py"]
 
 
 def test_coverage():

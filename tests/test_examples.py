@@ -11,6 +11,7 @@ EXAMPLES = ["quickstart.py --smoke", "zero_one_loss.py --smoke"]
 EXAMPLES += ["rnn.py --smoke", "gnn.py --smoke", "snn.py --smoke", "transformer.py --smoke",
              "batchnorm.py --smoke", "binary.py --smoke"]
 EXAMPLES += ["model_parallel.py --smoke"]
+EXAMPLES += ["hybrid.py --smoke", "domain_adaptation.py --smoke"]
 
 
 def test_coverage():

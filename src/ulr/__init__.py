@@ -5,7 +5,7 @@ Noise is injected at chosen sites of any PyTorch model; from noisy forward passe
 ``p.grad``, so any ``torch.optim`` optimizer can use it.
 """
 
-from . import baselines, functional, plans, samplers, sites
+from . import baselines, functional, hybrid, plans, samplers, sites
 from .estimator import LikelihoodRatio, replicate
 from .noise import Gaussian, Laplace, Logistic, Noise, WeightNoise, weight_noise
 from .samplers import antithetic, iid, sobol
@@ -42,6 +42,7 @@ __all__ = [
     "replicate",
     "baselines",
     "functional",
+    "hybrid",
     "plans",
     "samplers",
     "sites",

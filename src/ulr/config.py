@@ -118,7 +118,7 @@ class RunConfig:
 
     ``None`` means "not set": ``lr`` then takes the method's default (:data:`DEFAULT_LR`),
     ``max_steps`` no limit, ``grad_clip`` no clipping, ``sites`` every module that owns a
-    parameter.
+    parameter, ``blocks`` every layer its own block (pure ULR; ``0`` is pure backprop).
     """
 
     # -- model and data -------------------------------------------------------------------------
@@ -199,6 +199,14 @@ class RunConfig:
         "Module names (wildcards allowed) whose outputs get noise; default: every module that "
         "owns a parameter (pure ULR). Naming only block outputs gives backprop inside blocks.",
         metavar="NAME", default_text="every module that owns a parameter"))
+    blocks: int | None = field(default=None, metadata=_meta(
+        "method and estimator",
+        "Hybrid BP/LR in one knob: split the model's parameterised layers into N equal blocks "
+        "of consecutive layers with a noise site only at each block's end, so backprop runs "
+        "inside each block and the LR signal connects the blocks (ulr.hybrid.blocks). N = the "
+        "number of layers is pure ULR (the default), 0 is pure backprop (no sites). Not with "
+        "--sites; ignored by --method bp.", check=_at_least(0), rule=">= 0",
+        metavar="N", default_text="every layer its own block (pure ULR)"))
     recommended: bool = field(default=False, metadata=_meta(
         "method and estimator",
         "Use the model's recommended per-layer sigma (weight noise on the first convs of "
@@ -214,6 +222,13 @@ class RunConfig:
     chunk_size: int | None = field(default=None, metadata=_meta(
         "method and estimator", "Copies per chunk with --memory chunked.",
         check=_at_least(1), rule=">= 1", default_text="none"))
+
+    workers: int = field(default=0, metadata=_meta(
+        "method and estimator",
+        "Threads that assemble the per-site gradients once a pass's losses are known, "
+        "overlapping the next pass's forward (CUDA: one stream each). Same gradients, bit for "
+        "bit; whether it is faster depends on free cores (docs/rearrangement.md). 0: in the "
+        "training thread. Not with --memory replay.", check=_at_least(0), rule=">= 0"))
 
     # -- optimisation ----------------------------------------------------------------------------
     optimizer: str = field(default="adam", metadata=_meta(
@@ -291,6 +306,13 @@ class RunConfig:
         object.__setattr__(self, "method_args", _own_method_args(self.method, self.method_args))
         if self.method == "ulr" and self.memory == "chunked" and self.chunk_size is None:
             raise ConfigError("memory='chunked' needs chunk_size (copies per chunk)")
+        if self.method == "ulr" and self.workers and self.memory == "replay":
+            raise ConfigError("workers > 0 needs memory 'store' or 'chunked' (replay turns each "
+                              "site into gradients inside the forward pass)")
+        if self.method == "ulr" and self.blocks is not None and self.sites is not None:
+            raise ConfigError(
+                f"blocks={self.blocks} and sites={self.sites} both choose the noise sites; "
+                f"give one of them (blocks: N equal blocks; sites: the block ends by name)")
         if self.method == "ulr" and "sobol" in self.sampler and self.baseline == "leave-one-out":
             raise ConfigError(
                 f"sampler={self.sampler!r} with baseline='leave-one-out': the QMC copies of an "
@@ -305,7 +327,9 @@ class RunConfig:
     @property
     def resolved_lr(self) -> float:
         """``lr``, or the method's default learning rate when it is not set."""
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LR["bp" if self.blocks == 0 else self.method]
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` applied (validated)."""
@@ -330,7 +354,7 @@ _TYPES = {
     "model": str, "model_args": dict, "data": str, "data_dir": str, "val_fraction": float,
     "method": str, "method_args": dict, "num_copies": int, "noise": str, "sigma": float,
     "sampler": str, "baseline": str, "baseline_decay": float, "plan": str, "sites": list,
-    "recommended": bool, "memory": str, "chunk_size": int,
+    "blocks": int, "recommended": bool, "memory": str, "chunk_size": int, "workers": int,
     "optimizer": str, "lr": float, "momentum": float, "weight_decay": float, "schedule": str,
     "step_size": int, "gamma": float, "grad_clip": float, "batch_size": int, "epochs": int,
     "max_steps": int, "seed": int, "device": str, "threads": int, "eval_batch_size": int,

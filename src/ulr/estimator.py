@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from .baselines import Baseline, Context, none
 from .functional import has_closed_form, module_grads, per_example_weight_output
 from .noise import Gaussian, Noise, WeightNoise
+from .parallel import Assembler
 from .plans import Pass, Plan, all_sites
 from .samplers import Sampler, iid
 from .sites import SiteSpec, _stack, as_spec
@@ -318,6 +320,12 @@ class LikelihoodRatio:
               turns into gradients as soon as it fires — peak memory close to inference on
               ``K·B`` rows, for twice the forward compute.
         chunk_size: copies per chunk for ``memory="chunked"``.
+        workers: assemble the per-site gradients in this many threads once a pass's losses
+            are known (on CUDA each thread on its own stream), overlapping with the next
+            pass's forward; ``0`` (default): in the calling thread. Gradients are identical
+            to ``workers=0`` (bitwise on CPU at the same intra-op thread count); at most two
+            passes' records are held at once. Needs ``memory="store"`` or ``"chunked"``. See
+            :mod:`ulr.parallel` and docs/rearrangement.md for what it buys.
 
     Example:
         >>> import torch, ulr
@@ -357,6 +365,7 @@ class LikelihoodRatio:
         replicate: Callable[[Any, int], Any] | None = None,
         memory: Memory = "store",
         chunk_size: int | None = None,
+        workers: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -382,6 +391,13 @@ class LikelihoodRatio:
                                  f"got {chunk_size!r}")
         elif chunk_size is not None:
             raise ValueError(f"chunk_size is only used with memory='chunked' (memory={memory!r})")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an int >= 0 (0: assemble the gradients in the "
+                             f"calling thread), got {workers!r}")
+        if workers and memory == "replay":
+            raise ValueError("workers > 0 needs memory='store' or 'chunked': with 'replay' each "
+                             "site turns into gradients inside the forward pass, so there is "
+                             "nothing left to assemble in parallel")
 
         self.model = model
         self.spec = as_spec(sites)
@@ -393,6 +409,8 @@ class LikelihoodRatio:
         self.exclude = tuple(exclude)
         self.memory: Memory = memory
         self.chunk_size = chunk_size
+        self.workers = workers
+        self._assembler = Assembler(workers) if workers else None
         self._replicate_inputs = replicate
         self.sampler.check_num_copies(num_copies)
         self.baseline.check(num_copies, self.sampler.copy_groups(num_copies))
@@ -614,24 +632,64 @@ class LikelihoodRatio:
                       grads: dict[Tensor, Tensor], wanted: set[int],
                       params: list[nn.Parameter]) -> None:
         """Turn records into gradients: ``weights [rows of run]``, normalised by all rows."""
+        self._record_parts(list(enumerate(records)), run, weights, wanted, params,
+                           lambda i, p, g: _add(grads, p, g))
+
+    def _assemble(self, records: list[_Record], run: _PassRun, weights: Tensor,
+                  grads: dict[Tensor, Tensor], wanted: set[int],
+                  params: list[nn.Parameter]) -> None:
+        """:meth:`_record_grads`, or with ``workers`` hand the records to the thread pool and
+        return at once (the next pass's forward overlaps with this assembly)."""
+        if self._assembler is None:
+            self._record_grads(records, run, weights, grads, wanted, params)
+            return
+        # The records of at most two passes are alive: the one in the pool and this one.
+        while self._assembler.pending() >= 1:
+            self._assembler.merge_oldest(functools.partial(_add, grads))
+        vjp = [(i, r) for i, r in enumerate(records) if r.kind == "vjp"]
+        tasks = [functools.partial(self._collect_parts, [(i, r)], run, weights, wanted, params)
+                 for i, r in enumerate(records) if r.kind != "vjp"]
+        if vjp:
+            tasks.append(functools.partial(self._collect_parts, vjp, run, weights, wanted,
+                                           params))
+        self._assembler.submit(len(records), tasks, weights.device)
+
+    def _collect_parts(self, records: list[tuple[int, _Record]], run: _PassRun,
+                       weights: Tensor, wanted: set[int], params: list[nn.Parameter]
+                       ) -> tuple[dict[int, list[tuple[Tensor, Tensor]]], list]:
+        """:meth:`_record_parts` into lists: terms per record index, and the VJP's terms."""
+        per_record: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        tail: list[tuple[Tensor, Tensor]] = []
+
+        def emit(i: int | None, p: Tensor, g: Tensor) -> None:
+            (tail if i is None else per_record.setdefault(i, [])).append((p, g))
+
+        self._record_parts(records, run, weights, wanted, params, emit)
+        return per_record, tail
+
+    def _record_parts(self, records: list[tuple[int, _Record]], run: _PassRun, weights: Tensor,
+                      wanted: set[int], params: list[nn.Parameter],
+                      emit: Callable[[int | None, Tensor, Tensor], None]) -> None:
+        """Compute the gradient terms of ``(index, record)`` pairs and hand each to
+        ``emit(index, parameter, gradient)`` in the order they are to be added; the terms of
+        the one autograd VJP of all ``"vjp"`` records among them come last, with index None."""
         rows = run.rows_total
         outs, signals = [], []
-        for rec in records:
+        for i, rec in records:
             noise, module = rec.site.noise, rec.site.module
             if noise.learnable:
-                _add(grads, noise.log_scale, noise.log_scale_grad(rec.noise, weights, rows))
+                emit(i, noise.log_scale, noise.log_scale_grad(rec.noise, weights, rows))
                 if rec.bias_noise is not None:
-                    g = noise.log_scale_grad(rec.bias_noise, weights, rows)
-                    _add(grads, noise.log_scale, g)
+                    emit(i, noise.log_scale, noise.log_scale_grad(rec.bias_noise, weights, rows))
             if rec.kind == "noise-only":
                 continue
             # the record's noise is not needed after this: the signal takes its storage
             signal = noise.signal_(rec.noise, weights, rows)
             if rec.kind == "weight":
                 if id(module.weight) in wanted:
-                    _add(grads, module.weight, signal.sum(0))
+                    emit(i, module.weight, signal.sum(0))
                 if rec.bias_noise is not None and id(module.bias) in wanted:
-                    _add(grads, module.bias, noise.signal_(rec.bias_noise, weights, rows).sum(0))
+                    emit(i, module.bias, noise.signal_(rec.bias_noise, weights, rows).sum(0))
                 continue
             if rec.tiled:
                 signal = signal.view(run.num_copies, run.batch, *signal.shape[1:]).sum(0)
@@ -639,7 +697,7 @@ class LikelihoodRatio:
                 for pname, g in module_grads(module, rec.inputs, signal).items():
                     p = getattr(module, pname)
                     if id(p) in wanted:
-                        _add(grads, p, g)
+                        emit(i, p, g)
             else:
                 outs.append(rec.value)
                 signals.append(signal.to(rec.value.dtype))
@@ -647,7 +705,7 @@ class LikelihoodRatio:
             for p, g in zip(params, torch.autograd.grad(outs, params, signals, allow_unused=True),
                             strict=True):
                 if g is not None:
-                    _add(grads, p, g)
+                    emit(None, p, g)
 
     def _estimate_pass(self, spec: Pass, loss_fn: Callable, inputs: Any, targets: Any,
                        batch: int, clean: Tensor | None, grads: dict[Tensor, Tensor],
@@ -683,7 +741,7 @@ class LikelihoodRatio:
             out, run = forward((0, k), True)
             losses = losses_of(out, run)
             del out
-            self._record_grads(run.records, run, weights_of(losses, (0, k)), grads, wanted, params)
+            self._assemble(run.records, run, weights_of(losses, (0, k)), grads, wanted, params)
             return float(losses.sum()), losses.numel(), k * batch
         if self.memory == "replay":
             with torch.no_grad():
@@ -702,7 +760,7 @@ class LikelihoodRatio:
                 out, run = forward(ch, True)
                 losses = losses_of(out, run)
                 del out
-                self._record_grads(run.records, run, weights_of(losses, ch), grads, wanted, params)
+                self._assemble(run.records, run, weights_of(losses, ch), grads, wanted, params)
                 total, count = total + float(losses.sum()), count + losses.numel()
             return total, count, k * batch
         parts = []
@@ -716,8 +774,8 @@ class LikelihoodRatio:
         for ch in chunks:
             self._restore(start)
             _, run = forward(ch, True)
-            self._record_grads(run.records, run, weights[ch[0] * batch:ch[1] * batch], grads,
-                               wanted, params)
+            self._assemble(run.records, run, weights[ch[0] * batch:ch[1] * batch], grads,
+                           wanted, params)
         return float(losses.sum()), losses.numel(), 2 * k * batch
 
     def loss_and_grads(self, loss_fn: Callable[..., Tensor], inputs: Any,
@@ -781,10 +839,16 @@ class LikelihoodRatio:
         self._fired = set()
         grads: dict[Tensor, Tensor] = {}
         loss_sum, loss_rows = 0.0, 0
-        for spec in self.plan.passes(site_names, self.num_copies):
-            s, n, f = self._estimate_pass(spec, loss_fn, inputs, targets, batch, clean_losses,
-                                          grads, params)
-            loss_sum, loss_rows, rows_total = loss_sum + s, loss_rows + n, rows_total + f
+        try:
+            for spec in self.plan.passes(site_names, self.num_copies):
+                s, n, f = self._estimate_pass(spec, loss_fn, inputs, targets, batch,
+                                              clean_losses, grads, params)
+                loss_sum, loss_rows, rows_total = loss_sum + s, loss_rows + n, rows_total + f
+            if self._assembler is not None:
+                self._assembler.merge_all(functools.partial(_add, grads))
+        finally:
+            if self._assembler is not None:
+                self._assembler.discard()  # after an error: wait for the tasks, drop them
         if self.plan.needs_site_names and not self._fired <= set(site_names):
             self._site_names = None
             self._restore(start[0])
@@ -858,7 +922,8 @@ class LikelihoodRatio:
         sites = ", ".join(s.name or "<root>" for s in self._module_sites.values())
         return (f"LikelihoodRatio(sites=[{sites}], num_copies={self.num_copies}, "
                 f"sampler={self.sampler!r}, baseline={self.baseline!r}, plan={self.plan!r}, "
-                f"memory={self.memory!r})")
+                f"memory={self.memory!r}" + (f", workers={self.workers}" if self.workers else "")
+                + ")")
 
 
 _MIXING_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import __version__, baselines, data, distributed, models, plans
+from . import __version__, baselines, data, distributed, hybrid, models, plans
 from .config import RunConfig, to_toml
 from .estimator import LikelihoodRatio
 from .noise import Gaussian, Laplace, Logistic, weight_noise
@@ -86,7 +86,7 @@ _FORMAT = "ulr-run-checkpoint"
 _FORMAT_VERSION = 1
 
 #: Config fields that ``--resume`` may change; any other change makes a different run.
-RESUMABLE = ("epochs", "max_steps", "threads", "diag_every", "eval_batch_size")
+RESUMABLE = ("epochs", "max_steps", "threads", "diag_every", "eval_batch_size", "workers")
 
 #: Datasets that ``ulr train`` is tested with (others of the same kind work too).
 _TRAINABLE = ("digits", "mnist-subset", "fashion-mnist", "mnist1d", "adding", "sequential-digits",
@@ -205,8 +205,11 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device,
     if config.recommended:
         rec = models.recommended_config(model)
         # Named layers first: the noise mapping takes the first matching pattern.
+        # A weight-noise site yields only its own layer's gradient, so block ends of hybrid
+        # runs (--blocks) take output noise there.
+        weights = {} if config.blocks is not None else rec.get("weight_sigma", {})
         noise = {**{n: cls(s) for n, s in rec["sigma"].items()},
-                 **{n: weight_noise(cls(s)) for n, s in rec.get("weight_sigma", {}).items()},
+                 **{n: weight_noise(cls(s)) for n, s in weights.items()},
                  "*": cls(config.sigma)}
         copies = rec["num_copies"]
     baseline = {
@@ -222,12 +225,15 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device,
         if unknown:
             raise ValueError(f"sites {unknown} match no module of {config.model}; its modules "
                              f"are {names}")
+    sites = None if config.sites is None else by_name(*config.sites)
+    if config.blocks is not None:
+        sites = hybrid.blocks(model, config.blocks)
     # Several processes: every rank draws the same noise stream and runs its share of copies.
     cls, extra = ((distributed.DistributedLikelihoodRatio, {"exchange": config.exchange})
                   if distributed.is_distributed() else (LikelihoodRatio, {}))
     return cls(
         model,
-        sites=None if config.sites is None else by_name(*config.sites),
+        sites=sites,
         noise=noise,
         num_copies=config.num_copies,
         sampler={"antithetic": antithetic, "iid": iid, "sobol": sobol,
@@ -238,6 +244,7 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device,
         memory=config.memory,
         chunk_size=config.chunk_size if config.memory == "chunked" else None,
         replicate=replicate,
+        workers=config.workers,
         **extra,
     )
 
@@ -734,6 +741,7 @@ class _Trainer:
             raise ValueError(f"dataset {config.data!r} is one graph: ulr train runs it in one "
                              f"process (drop --nproc / torchrun)")
         loss = _row_loss(self.task)
+        bp_only = config.method == "ulr" and config.blocks == 0  # --blocks 0: no noise site
         if self.graph:
             hops = getattr(model, "loss_hops", None)
             if hops is None:
@@ -745,12 +753,13 @@ class _Trainer:
             adj = ds.adjacency().to(device)
             # Nodes influence each other: ULR weights each node's noise by the losses of the
             # labelled nodes within its reach (NodeLoss); whole-graph copies share adj.
-            if config.method == "ulr":
+            if config.method == "ulr" and not bp_only:
                 loss = gnn.NodeLoss(adj, hops=hops, row_loss=lambda o, y: F.cross_entropy(
                     o, y, reduction="none"))
-            self.est = _estimator(config, model, device, replicate=gnn.tile_graph)
+            self.est = (None if bp_only
+                        else _estimator(config, model, device, replicate=gnn.tile_graph))
         else:
-            self.est = _estimator(config, model, device)
+            self.est = None if bp_only else _estimator(config, model, device)
         self.data_gen = torch.Generator().manual_seed(_stream_seed(config.seed, "data"))
         self.prog = _Progress()
         self.resumed = ckpt is not None
