@@ -73,7 +73,7 @@ TASKS: dict[str, Task] = {
                 {"hidden_size": 64}, {"hidden_size": 64}, "BPTT", epochs=40, copies=64,
                 schedule="cosine"),
     "lstm": Task("LSTM, cells", "sequential-digits", "lstm",
-                 {"hidden_size": 32}, {"hidden_size": 32}, "BPTT", epochs=100, copies=16,
+                 {"hidden_size": 32}, {"hidden_size": 32}, "BPTT", epochs=100, copies=64,
                  lr=1e-2, schedule="cosine"),
     "lstm-adding": Task("LSTM, cells", "adding", "lstm", {"hidden_size": 32},
                         {"hidden_size": 32}, "BPTT", {"seq_len": 20, "n_train": 4000},
@@ -84,7 +84,7 @@ TASKS: dict[str, Task] = {
                 {"hidden": (128,), "surrogate": "fast-sigmoid"}, "surrogate-gradient BPTT",
                 epochs=15, sigma=0.1, copies=16),
     "transformer": Task("Transformer encoder", "sequential-digits", "transformer",
-                        {"d_model": 32}, {"d_model": 32}, epochs=45, copies=16,
+                        {"d_model": 32}, {"d_model": 32}, epochs=45, copies=32,
                         groups=_BLOCK_GROUPS),
     # Sites at the BN outputs: each conv+BN pair is one block whose local VJP includes the
     # batch statistics exactly (docs/architectures.md, BatchNorm).
