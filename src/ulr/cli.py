@@ -75,7 +75,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help_text = f"{meta['help']} (default: {_default_text(name, meta)})"
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if name == "method":
-            kw.update(nargs="+", type=_norm, choices=METHODS, metavar="{ulr,bp}")
+            kw.update(nargs="+", type=_norm, choices=METHODS,
+                      metavar="{" + ",".join(METHODS) + "}")
         elif name == "model_args":
             flag = "--model-arg"
             kw.update(action="append", metavar="KEY=VALUE")

@@ -57,9 +57,9 @@ __all__ = [
     "to_toml",
 ]
 
-METHODS = ("ulr", "bp")
+METHODS = ("ulr", "bp", "bp-noise")
 #: Learning rate of each method when ``lr`` is not set (the verified digits/MLP setting).
-DEFAULT_LR = {"ulr": 3e-3, "bp": 1e-3}
+DEFAULT_LR = {"ulr": 3e-3, "bp": 1e-3, "bp-noise": 1e-3}
 
 
 class ConfigError(ValueError):
@@ -140,8 +140,12 @@ class RunConfig:
     method: str = field(default="ulr", metadata=_meta(
         "method and estimator",
         "ulr: likelihood-ratio gradients from noisy forward passes only; bp: ordinary "
-        "backpropagation. Several methods train one after another from the same seed (same "
-        "initial weights and data order) and are compared in a table.", choices=METHODS))
+        "backpropagation; bp-noise: backpropagation through a forward pass with the ULR "
+        "training noise (--noise, --sigma or --recommended, at the same --sites) added to "
+        "every site, one draw per example and step (separates the effect of the noise from "
+        "that of the estimator). Several methods train one after another from the same seed "
+        "(same initial weights and data order) and are compared in a table.",
+        choices=METHODS))
     num_copies: int = field(default=32, metadata=_meta(
         "method and estimator",
         "Noise copies K per example and pass. Variance falls like 1/K and cost rises like K; "
@@ -204,7 +208,7 @@ class RunConfig:
         choices=("adam", "adamw", "sgd")))
     lr: float | None = field(default=None, metadata=_meta(
         "optimisation", "Learning rate (the defaults suit Adam on digits).",
-        check=_positive, rule="> 0", default_text="3e-3 for ulr, 1e-3 for bp"))
+        check=_positive, rule="> 0", default_text="3e-3 for ulr, 1e-3 for bp and bp-noise"))
     momentum: float = field(default=0.9, metadata=_meta(
         "optimisation", "SGD momentum (sgd only).", check=_at_least(0), rule=">= 0"))
     weight_decay: float = field(default=0.0, metadata=_meta(
