@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ["quickstart.py --smoke", "zero_one_loss.py --smoke"]
 EXAMPLES += ["rnn.py --smoke", "gnn.py --smoke", "snn.py --smoke", "transformer.py --smoke",
              "batchnorm.py --smoke", "binary.py --smoke"]
+EXAMPLES += ["robustness.py --smoke"]
 
 
 def test_coverage():
