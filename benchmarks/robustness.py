@@ -17,6 +17,7 @@ docs/results/robustness.{json,md} and docs/results/robustness-<suite>.png.
     python benchmarks/robustness.py                   # every suite, 3 seeds (CPU: ~1 h)
     python benchmarks/robustness.py --suite digits-mlp --seeds 0
     python benchmarks/robustness.py --from-json docs/results/robustness.json   # redo the report
+    python benchmarks/robustness.py --from-json a/robustness.json b/robustness.json  # merge
     python benchmarks/robustness.py --smoke
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import shlex
@@ -47,12 +49,22 @@ SUITES = {
                        ulr={}, limit=None),
     "digits-lenet5": dict(data="digits", model="lenet5", common=dict(epochs=30, batch_size=32),
                           ulr=dict(sigma=0.05), limit=None),
+    # The same MLP with 5x the training noise: does a stronger noise make ULR (or bp-noise)
+    # more robust?
+    "digits-mlp-sigma0.5": dict(data="digits", model="mlp",
+                                common=dict(epochs=30, batch_size=32), ulr=dict(sigma=0.5),
+                                limit=None),
     "fashion-mlp": dict(data="fashion-mnist", model="mlp",
                         common=dict(epochs=2, max_steps=1500, batch_size=64),
                         ulr=dict(sampler="iid"), limit=1000),
     "fashion-lenet5": dict(data="fashion-mnist", model="lenet5",
                            common=dict(epochs=1, max_steps=400, batch_size=32),
                            ulr=dict(sigma=0.05, num_copies=16, sampler="iid"), limit=1000),
+    # the same, trained 5x longer
+    "fashion-lenet5-2000": dict(data="fashion-mnist", model="lenet5",
+                                common=dict(epochs=2, max_steps=2000, batch_size=32),
+                                ulr=dict(sigma=0.05, num_copies=16, sampler="iid"),
+                                limit=1000),
 }
 NOISE_KEYS = ("sigma", "noise", "sites", "recommended")
 #: Shares of the full budget tried for bp-matched.
@@ -188,8 +200,33 @@ def results_of(rows: list[dict], suite: str) -> list[dict]:
     return out
 
 
+PAIRS = (("ulr", "bp-matched"), ("ulr", "bp"), ("ulr", "bp-noise"), ("bp-noise", "bp"))
+
+
+def _compare(diffs_by: dict[str, list[float]]) -> str:
+    wins = losses = ties = 0
+    for d in diffs_by.values():
+        mean = statistics.fmean(d)
+        se = (statistics.stdev(d) / len(d) ** 0.5) if len(d) > 1 else math.inf
+        if mean > 2 * se and mean > 0.005:
+            wins += 1
+        elif -mean > 2 * se and -mean > 0.005:
+            losses += 1
+        else:
+            ties += 1
+    hi = max(diffs_by, key=lambda c: statistics.fmean(diffs_by[c]))
+    lo = min(diffs_by, key=lambda c: statistics.fmean(diffs_by[c]))
+    return (f"higher in {wins}, lower in {losses}, within noise in {ties} of "
+            f"{len(diffs_by)} (from {_ms(diffs_by[lo])} at {lo} to {_ms(diffs_by[hi])} at "
+            f"{hi})")
+
+
 def verdict(rows: list[dict], suite: str) -> list[str]:
-    """Paired (same seed) differences ULR - BP-matched and ULR - BP under the attacks."""
+    """Paired (same seed) accuracy differences between methods, attacks and corruptions apart.
+
+    A difference counts as higher/lower when its mean over seeds is beyond 2 standard errors
+    and 0.5 points.
+    """
     lines = []
     seeds = sorted({r["seed"] for r in rows if r["suite"] == suite})
 
@@ -197,39 +234,21 @@ def verdict(rows: list[dict], suite: str) -> list[str]:
         return next((r for r in rows if r["suite"] == suite and r["method"] == method
                      and r["seed"] == seed), None)
 
-    attack_conditions = [c for c in robust._conditions(results_of(rows, suite))
-                         if c.split()[0] in robust.ATTACKS]
-    for other in ("bp-matched", "bp", "bp-noise"):
-        wins = losses = ties = 0
-        diffs_by: dict[str, list[float]] = {}
-        clean_gap = []
-        for seed in seeds:
-            u, o = get("ulr", seed), get(other, seed)
-            if u is None or o is None:
-                continue
-            clean_gap.append(_acc(u, "clean") - _acc(o, "clean"))
-            for c in attack_conditions:
-                diffs_by.setdefault(c, []).append(_acc(u, c) - _acc(o, c))
-        if not diffs_by:
+    conditions = robust._conditions(results_of(rows, suite))
+    groups = {"attack": [c for c in conditions if c.split()[0] in robust.ATTACKS],
+              "corruption": [c for c in conditions if c.split()[0] in robust.CORRUPTIONS]}
+    for a, b in PAIRS:
+        pairs = [(get(a, s), get(b, s)) for s in seeds]
+        pairs = [(u, o) for u, o in pairs if u is not None and o is not None]
+        if not pairs:
             continue
-        for c, d in diffs_by.items():
-            mean = statistics.fmean(d)
-            sd = statistics.stdev(d) if len(d) > 1 else 0.0
-            se = sd / len(d) ** 0.5
-            if len(d) > 1 and mean > 2 * se and mean > 0.005:
-                wins += 1
-            elif len(d) > 1 and -mean > 2 * se and -mean > 0.005:
-                losses += 1
-            else:
-                ties += 1
-        hi = max(diffs_by, key=lambda c: statistics.fmean(diffs_by[c]))
-        lo = min(diffs_by, key=lambda c: statistics.fmean(diffs_by[c]))
-        lines.append(
-            f"ULR − {other}: clean accuracy {_ms(clean_gap)} points; over {len(diffs_by)} "
-            f"attack conditions ULR is clearly higher in {wins}, clearly lower in {losses}, "
-            f"within noise in {ties} (clearly: paired mean over seeds beyond 2 standard errors "
-            f"and 0.5 points); differences range from {_ms(diffs_by[lo])} ({lo}) to "
-            f"{_ms(diffs_by[hi])} ({hi}) points.")
+        clean = [_acc(u, "clean") - _acc(o, "clean") for u, o in pairs]
+        parts = [f"{a} − {b}: clean {_ms(clean)} points"]
+        for group, conds in groups.items():
+            if conds:
+                diffs = {c: [_acc(u, c) - _acc(o, c) for u, o in pairs] for c in conds}
+                parts.append(f"{group} conditions: {_compare(diffs)}")
+        lines.append("; ".join(parts) + ".")
     return lines
 
 
@@ -272,6 +291,9 @@ def write_report(result: dict, out: Path, plots: bool = True) -> list[Path]:
         md.append("")
         md += [f"- {line}" for line in verdict(rows, suite)]
         md.append("")
+        md.append("(Paired over seeds, in points of accuracy; higher/lower: the mean difference "
+                  "is beyond 2 standard errors and 0.5 points.)")
+        md.append("")
     for suite in suites:
         spec = SUITES.get(suite, {})
         n = next(r["n"] for r in rows if r["suite"] == suite)
@@ -300,13 +322,21 @@ def main(argv=None):
     p.add_argument("--out", default="docs/results")
     p.add_argument("--runs", default=None,
                    help="keep the run directories here (default: a temporary directory)")
-    p.add_argument("--from-json", default=None, help="rewrite the report from a JSON result")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                   help="rewrite the report from JSON results (several are merged)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.from_json:
-        result = json.loads(Path(args.from_json).read_text())
+        # Several files (e.g. suites run in separate processes) are merged into one report.
+        parts = [json.loads(Path(f).read_text()) for f in args.from_json]
+        result = {**parts[0], "rows": [r for p in parts for r in p["rows"]],
+                  "commands": [c for p in parts for c in p["commands"]]}
+        if len(parts) > 1:
+            result["command"] = " + ".join(p["command"] for p in parts)
+            result["wall_min"] = sum(p["wall_min"] for p in parts)
+            result["load_end"] = parts[-1]["load_end"]
         write_report(result, Path(args.out), plots=not args.no_plots)
         return result["rows"]
     torch.set_num_threads(args.threads)
