@@ -12,7 +12,7 @@ from torch import nn
 from ulr import robust
 from ulr.cli import main
 from ulr.config import RunConfig
-from ulr.models import BinaryMLP, BlackBoxMLP, build
+from ulr.models import BinaryMLP, BlackBoxMLP, SpikingMLP, build
 from ulr.robust import (
     ATTACKS,
     CORRUPTIONS,
@@ -186,7 +186,8 @@ def test_corrupt_checks_its_arguments():
 @pytest.mark.parametrize("model", [
     BinaryMLP(64, 10, hidden=(32,)),   # sign units: zero input gradient
     BlackBoxMLP(64, 10, hidden=32),    # numpy: no graph
-], ids=["binary", "blackbox"])
+    SpikingMLP(64, 10, hidden=(32,), num_steps=4),  # Heaviside spikes, no surrogate
+], ids=["binary", "blackbox", "snn"])
 def test_non_differentiable_models_get_a_clear_error_and_a_transfer_fallback(trained, model):
     surrogate, x, y = trained
     with pytest.raises(NotDifferentiableError, match="cannot be attacked by gradient.*"
