@@ -327,3 +327,11 @@ def test_bp_noise_trains_and_differs_from_bp():
     noisy = fit(RunConfig(**{**BP, "epochs": 3, "method": "bp-noise", "sigma": 0.3}))
     assert noisy["final"]["test_acc"] > 0.85
     assert noisy["final"]["train_loss"] != bp["final"]["train_loss"]
+
+
+def test_cli_refuses_a_regression_run(tmp_path, capsys):
+    run = tmp_path / "adding"
+    fit(RunConfig(method="bp", data="adding", model="rnn", epochs=1, max_steps=1, threads=1,
+                  device="cpu"), run)
+    assert main(["robust", str(run)]) == 2
+    assert "is not a classification task" in capsys.readouterr().err

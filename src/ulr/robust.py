@@ -636,7 +636,9 @@ def load(path: str | Path, *, split: str = "test", limit: int | None = None,
                          ) from None
     ds = _dataset(config.data, config.data_dir, config.seed if split == "val" else 0,
                   config.val_fraction if split == "val" else 0.1)
-    if getattr(ds, "task", None) != "classification":
+    from .data import Dataset
+
+    if not isinstance(ds, Dataset) or ds.task != "classification":
         raise ValueError(f"{ckpt_path}: dataset {config.data!r} is not a classification task "
                          f"of in-memory (x, y) examples; ulr robust measures accuracy")
     model = _build_model(config, ds)
