@@ -7,7 +7,7 @@ FGSM and PGD (L-inf and L2) and the four corruptions with `ulr.robust.evaluate` 
 On the command line the same is `ulr train --method ulr bp --out runs/demo` followed by
 `ulr robust runs/demo`.
 
-    python examples/robustness.py            # ~20 s on 2 cores
+    python examples/robustness.py            # ~10 s of CPU (one thread)
     python examples/robustness.py --smoke    # a few steps, for CI
 """
 
