@@ -11,6 +11,7 @@ BENCHMARKS = ["speed.py", "variance.py", "memory.py", "training.py", "peers_qual
 BENCHMARKS += ["architectures.py", "rnn_time.py"]
 BENCHMARKS += ["distributed.py"]
 BENCHMARKS += ["hybrid.py", "parallel_assembly.py", "domain_adaptation.py"]
+BENCHMARKS += ["robustness.py"]
 
 
 def test_coverage():

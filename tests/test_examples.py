@@ -12,6 +12,7 @@ EXAMPLES += ["rnn.py --smoke", "gnn.py --smoke", "snn.py --smoke", "transformer.
              "batchnorm.py --smoke", "binary.py --smoke"]
 EXAMPLES += ["model_parallel.py --smoke"]
 EXAMPLES += ["hybrid.py --smoke", "domain_adaptation.py --smoke"]
+EXAMPLES += ["robustness.py --smoke"]
 
 
 def test_coverage():

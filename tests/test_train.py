@@ -116,7 +116,7 @@ def test_ulr_and_bp_start_from_the_same_weights(tmp_path):
     assert_same_weights(weights(tmp_path / "ulr"), weights(tmp_path / "bp"))
 
 
-@pytest.mark.parametrize("method", ["ulr", "bp", "es", "spsa", "forward-gradient"])
+@pytest.mark.parametrize("method", ["ulr", "bp", "bp-noise", "es", "spsa", "forward-gradient"])
 def test_resume_one_plus_one_epochs_equals_two(tmp_path, method):
     fit(tiny(method=method, schedule="step", step_size=1, gamma=0.5), tmp_path / "straight")
     fit(tiny(method=method, schedule="step", step_size=1, gamma=0.5, epochs=1),

@@ -1,4 +1,5 @@
-"""The ``ulr`` command: ``ulr train``, ``ulr compare`` and ``ulr plot``.
+"""The ``ulr`` command: ``ulr train``, ``ulr compare``, ``ulr plot`` (and ``ulr bench``,
+``ulr robust``, which have their own parsers in :mod:`ulr.bench` and :mod:`ulr.robust`).
 
 ``ulr train`` with no arguments trains the reference MLP on the embedded digits data with the
 likelihood-ratio estimator and with backpropagation, from the same seed, and prints a
@@ -198,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="benchmark ULR against backprop, ES, SPSA/MeZO and forward "
                                 "gradient (ulr bench --help)")
     bench.add_argument("args", nargs=argparse.REMAINDER)
+    # Likewise `robust` goes to ulr.robust.main.
+    robust = sub.add_parser("robust", add_help=False, prefix_chars="\0",
+                            help="accuracy of trained runs under FGSM/PGD attacks and natural "
+                                 "corruptions (ulr robust --help)")
+    robust.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -205,6 +211,12 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
     return bench_main(args.args)
+
+
+def _robust(args: argparse.Namespace) -> int:
+    from .robust import main as robust_main
+
+    return robust_main(args.args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"'ulr {args.command}' without torchrun", file=sys.stderr)
         return 2
     command = {"train": _train, "compare": _compare, "plot": _plot,
-               "bench": _bench}[args.command]
+               "bench": _bench, "robust": _robust}[args.command]
     from .train import CheckpointError
 
     try:

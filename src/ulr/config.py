@@ -64,10 +64,11 @@ __all__ = [
 
 #: The peer estimators of :mod:`ulr.peers` that ``method`` accepts besides ``ulr`` and ``bp``.
 PEERS = ("es", "spsa", "forward-gradient")
-METHODS = ("ulr", "bp", *PEERS)
+METHODS = ("ulr", "bp", "bp-noise", *PEERS)
 #: Learning rate of each method when ``lr`` is not set: the verified digits/MLP setting for ulr
-#: and bp, the peers' tuned rates on the MLP from docs/results/peers-report.md.
-DEFAULT_LR = {"ulr": 3e-3, "bp": 1e-3, "es": 3e-3, "spsa": 1e-3, "forward-gradient": 1e-3}
+#: and bp (and bp-noise), the peers' tuned rates on the MLP from docs/results/peers-report.md.
+DEFAULT_LR = {"ulr": 3e-3, "bp": 1e-3, "bp-noise": 1e-3, "es": 3e-3, "spsa": 1e-3,
+              "forward-gradient": 1e-3}
 
 
 class ConfigError(ValueError):
@@ -148,7 +149,10 @@ class RunConfig:
     method: str = field(default="ulr", metadata=_meta(
         "method and estimator",
         "ulr: likelihood-ratio gradients from noisy forward passes only; bp: ordinary "
-        "backpropagation; es, spsa, forward-gradient: the peer estimators of ulr.peers "
+        "backpropagation; bp-noise: backpropagation through a forward pass with the ULR "
+        "training noise (--noise, --sigma or --recommended, at the same --sites) added to "
+        "every site, one draw per example and step (separates the effect of the noise from "
+        "that of the estimator); es, spsa, forward-gradient: the peer estimators of ulr.peers "
         "(evolution strategies, SPSA/MeZO, forward gradient; options via --method-arg). "
         "Several methods train one after another from the same seed (same initial weights "
         "and data order) and are compared in a table.", choices=METHODS))
@@ -237,7 +241,7 @@ class RunConfig:
     lr: float | None = field(default=None, metadata=_meta(
         "optimisation", "Learning rate (the defaults suit Adam on digits).",
         check=_positive, rule="> 0",
-        default_text="3e-3 for ulr and es, 1e-3 for bp, spsa and forward-gradient"))
+        default_text="3e-3 for ulr and es, 1e-3 for bp, bp-noise, spsa and forward-gradient"))
     momentum: float = field(default=0.9, metadata=_meta(
         "optimisation", "SGD momentum (sgd only).", check=_at_least(0), rule=">= 0"))
     weight_decay: float = field(default=0.0, metadata=_meta(

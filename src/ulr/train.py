@@ -1,8 +1,9 @@
 """The training loop behind ``ulr train``: one :class:`~ulr.config.RunConfig` -> one run.
 
 :func:`fit` trains a reference model on a registry dataset with the likelihood-ratio estimator
-(``method="ulr"``), with backpropagation (``method="bp"``) or with a peer estimator of
-:mod:`ulr.peers` (``"es"``, ``"spsa"``, ``"forward-gradient"``), evaluates it every epoch and,
+(``method="ulr"``), with backpropagation (``method="bp"``), with backpropagation through the
+ULR training noise (``method="bp-noise"``) or with a peer estimator of :mod:`ulr.peers`
+(``"es"``, ``"spsa"``, ``"forward-gradient"``), evaluates it every epoch and,
 given a run directory, records everything needed to analyse and continue the run:
 
 ``config.toml`` / ``config.json``
@@ -185,7 +186,7 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device,
                replicate: Callable[..., Any] | None = None) -> Any:
     """The gradient estimator of ``config.method`` (``None`` for plain backprop);
     ``replicate`` makes the noise copies of inputs that are not a plain batch (a graph)."""
-    if config.method == "bp":
+    if config.method in ("bp", "bp-noise"):
         return None
     generator = torch.Generator(device=device).manual_seed(_stream_seed(config.seed, "noise"))
     if config.method != "ulr":
@@ -247,6 +248,62 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device,
         workers=config.workers,
         **extra,
     )
+
+
+class _NoiseInjection:
+    """``method="bp-noise"``: the ULR training noise added to the site outputs of every
+    training-mode forward pass, which backprop then differentiates.
+
+    The sites and noise are the estimator's (``config.sites`` or every module that owns a
+    parameter; ``config.noise`` with ``config.sigma``, or the model's recommended per-layer sigma
+    with ``config.recommended``); all sites get noise at once, one draw per example and step
+    (the all-sites smoothed loss that ULR estimates the gradient of, at the cost of one forward).
+    Evaluation (``model.eval()``) is noise-free. The draws come from the run's noise stream and
+    are checkpointed with it.
+    """
+
+    def __init__(self, config: RunConfig, model: nn.Module, device: torch.device) -> None:
+        cls = _NOISES[config.noise]
+        per_layer: dict[str, float] = {}
+        if config.recommended:
+            rec = models.recommended_config(model)
+            if rec.get("weight_sigma"):
+                raise ValueError(
+                    f"method 'bp-noise' adds output noise only, but the recommended config of "
+                    f"{config.model} puts weight noise on {sorted(rec['weight_sigma'])}; drop "
+                    f"--recommended (one --sigma everywhere) for bp-noise")
+            per_layer = dict(rec["sigma"])
+        modules = dict(model.named_modules())
+        if config.sites is not None:
+            names = [n for n in modules if n and any(fnmatch.fnmatch(n, p) for p in config.sites)]
+            unknown = [p for p in config.sites if not fnmatch.filter(list(modules), p)]
+            if unknown:
+                raise ValueError(f"sites {unknown} match no module of {config.model}; its "
+                                 f"modules are {[n for n in modules if n]}")
+        else:
+            names = [n for n, m in modules.items()
+                     if any(p.requires_grad for p in m.parameters(recurse=False))]
+        self.noises = {n: cls(per_layer.get(n, config.sigma)) for n in names}
+        self.generator = torch.Generator(device=device).manual_seed(
+            _stream_seed(config.seed, "noise"))
+        self.handles = [modules[n].register_forward_hook(self._hook(self.noises[n]))
+                        for n in names]
+
+    def _hook(self, noise: Any) -> Callable[..., Tensor]:
+        def add_noise(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+            if not module.training:
+                return out
+            z = noise.sample(out.shape, generator=self.generator, device=out.device,
+                             dtype=out.dtype)
+            return out + z
+
+        return add_noise
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
 
 
 def _optimizer(config: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -760,6 +817,8 @@ class _Trainer:
                         else _estimator(config, model, device, replicate=gnn.tile_graph))
         else:
             self.est = None if bp_only else _estimator(config, model, device)
+        self.injection = (_NoiseInjection(config, model, device) if config.method == "bp-noise"
+                          else None)
         self.data_gen = torch.Generator().manual_seed(_stream_seed(config.seed, "data"))
         self.prog = _Progress()
         self.resumed = ckpt is not None
@@ -767,6 +826,8 @@ class _Trainer:
             assert run_dir is not None
             _restore(ckpt, run_dir, model, self.opt, self.sched, self.est)
             self.data_gen.set_state(ckpt["data_generator"])
+            if self.injection is not None:
+                self.injection.load_state_dict(ckpt["noise_injection"])
             torch.set_rng_state(ckpt["global_rng"])
             if rng_devices and ckpt.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
@@ -834,6 +895,8 @@ class _Trainer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict() if self.sched is not None else None,
             "estimator": self.est.state_dict() if self.est is not None else None,
+            "noise_injection": (self.injection.state_dict() if self.injection is not None
+                                else None),
             "data_generator": epoch_start_state,
             "global_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.rng_devices else None,
