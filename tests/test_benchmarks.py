@@ -7,7 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ["speed.py", "variance.py", "memory.py", "training.py", "peers_quality.py", "peers_training.py"]
-BENCHMARKS += ["architectures.py", "rnn_time.py"]
+BENCHMARKS += ["architectures.py", "rnn_time.py", "finetune.py"]
 
 
 def test_coverage():
