@@ -48,6 +48,7 @@ from . import sites as _sites
 from .plans import Pass, Plan
 
 __all__ = [
+    "Encoded",
     "LoRA",
     "LoRALinear",
     "MiniLM",
@@ -58,6 +59,7 @@ __all__ = [
     "head_sites",
     "load_minilm",
     "lora_sites",
+    "mean_pool",
     "remove_lora",
     "suffix_plan",
 ]
