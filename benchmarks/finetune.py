@@ -425,10 +425,13 @@ def write(rows: list[dict], meta: dict, out: Path, part: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = "finetune" if part == "all" else f"finetune-{part}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# Fine-tuning: ULR vs backprop vs SPSA ({meta['machine']}, "
+    peers = "ULR vs backprop" + (" vs SPSA" if any(r["method"] == "spsa" for r in rows) else "")
+    lines = [f"# Fine-tuning: {peers} ({meta['machine']}, "
              f"{meta['threads']} thread(s))", "", f"Command: `{meta['command']}`. Load average "
-             f"at start/end: {meta['load_avg_start']} / {meta['load_avg_end']} "
-             f"(a shared {meta['cpus']}-core machine: CPU seconds are the steadier number).", ""]
+             f"at start/end: {_avg(meta['load_avg_start'])} / {_avg(meta['load_avg_end'])} "
+             f"(a shared {meta['cpus']}-core machine: CPU seconds are the steadier number). "
+             f"Peak MB: rise of the resident peak during training, each run in its own process; "
+             f"about 60-70 MB of it is one-off library initialisation common to every run.", ""]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["part"], r["params"], r["method"]), []).append(r)
@@ -448,9 +451,14 @@ def write(rows: list[dict], meta: dict, out: Path, part: str) -> None:
     _plot(groups, out / f"{stem}.png")
 
 
+def _avg(loads) -> str:
+    return ", ".join(f"{x:.1f}" for x in loads)
+
+
 def _plot(groups, path: Path) -> None:
     try:
         import matplotlib
+        import matplotlib.ticker
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -464,6 +472,7 @@ def _plot(groups, path: Path) -> None:
             acc = torch.tensor([r["val_acc"] for r in rs]).mean(0) * 100
             ax.plot(range(1, len(acc) + 1), acc, marker="o", label=f"{par} / {method}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel("validation accuracy %")
         ax.set_title({"text": "MiniLM on WordNet supersenses",
                       "cnn": "LeNet-5: few-shot MNIST"}.get(pt, pt))

@@ -131,6 +131,7 @@ class LoRALinear(nn.Module):
         out.weight.copy_(self.base.weight + a.scale * a.up.weight @ a.down.weight)
         if self.base.bias is not None:
             out.bias.copy_(self.base.bias)
+        out.requires_grad_(self.base.weight.requires_grad)
         return out
 
 
@@ -179,8 +180,9 @@ def add_lora(model: nn.Module, targets: Iterable[str] = ("*query", "*value"), ra
 
 def remove_lora(model: nn.Module, *, merge: bool = True) -> int:
     """Replace each :class:`LoRALinear` by a plain ``nn.Linear``: the adapter folded into the
-    weight (``merge=True``) or dropped (``merge=False``, back to the original layer).
-    Returns how many were replaced."""
+    weight (``merge=True``) or dropped (``merge=False``, back to the original layer, with its
+    original values). Parameters frozen by :func:`add_lora` stay frozen. Returns how many were
+    replaced."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     for name, m in found:
         parent, _, child = name.rpartition(".")
