@@ -194,3 +194,19 @@ def test_ulr_train_workers_gives_the_same_run():
         assert a["final"][key] == b["final"][key], key
     with pytest.raises(ConfigError, match="workers > 0 needs memory"):
         RunConfig(workers=2, memory="replay")
+
+
+def test_workers_use_the_callers_thread_count():
+    """OpenMP thread counts are per thread: a worker must not run its kernels with the default
+    count when the caller set another (a CNN's conv weight gradient then reduces differently)."""
+    before = torch.get_num_threads()
+    other = 1 if before > 1 else 2
+    try:
+        torch.set_num_threads(other)
+        kw = dict(plan=ulr.plans.all_sites, memory="store", baseline=ulr.baselines.leave_one_out)
+        want, _ = _grads("cnn", 0, **kw)
+        got, _ = _grads("cnn", 2, **kw)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    finally:
+        torch.set_num_threads(before)

@@ -65,7 +65,11 @@ class Assembler:
         """Start the tasks of one pass (``num_records`` records) and return at once."""
         run = self._cuda_task(device) if device.type == "cuda" else _plain_task
         pool = self._executor()
-        self._jobs.append((num_records, [pool.submit(run, t) for t in tasks]))
+        # A thread's intra-op thread count is its own (OpenMP's is per thread): run the tasks
+        # with the caller's, so that their kernels reduce in the same order as workers=0.
+        threads = torch.get_num_threads()
+        self._jobs.append((num_records, [pool.submit(_with_threads, threads, run, t)
+                                         for t in tasks]))
 
     def pending(self) -> int:
         """Passes submitted and not merged yet."""
@@ -146,3 +150,10 @@ class Assembler:
 
 def _plain_task(task: Callable[[], Parts]) -> Parts:
     return task()
+
+
+def _with_threads(threads: int, run: Callable[[Callable[[], Parts]], Parts],
+                  task: Callable[[], Parts]) -> Parts:
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return run(task)
