@@ -58,6 +58,9 @@ class CopyBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        #: Hold the batch statistics fixed in the backward pass (detach mean and variance): the
+        #: gradient that ULR's per-example estimate targets; an oracle for it.
+        self.detach_statistics = False
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
@@ -75,6 +78,8 @@ class CopyBatchNorm(nn.Module):
         dims = [1, *range(3, grouped.dim())]
         mean = grouped.mean(dim=dims, keepdim=True)
         var = grouped.var(dim=dims, unbiased=False, keepdim=True)
+        if self.detach_statistics:
+            mean, var = mean.detach(), var.detach()
         y = ((grouped - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
         with torch.no_grad():
             count = grouped.numel() // (copies * self.num_features)
