@@ -384,7 +384,7 @@ class _Counting:
 
     def take_node_loss(self) -> float | None:
         """Mean loss of the selected nodes seen since the last call (graphs), else None."""
-        mean = self.node_loss_sum / self.rows if self.rows and self.node_loss_sum else None
+        mean = self.node_loss_sum / self.rows if self.rows else None
         self.node_loss_sum = 0.0
         return mean
 
@@ -793,6 +793,8 @@ class _Trainer:
         self.after_step = after_step if callable(after_step) else None
         self.opt = _optimizer(config, self.params)
         self.sched = _scheduler(config, self.opt)
+        self.train_split = _to(ds.train, device)
+        self.splits = {"val": _to(ds.val, device), "test": _to(ds.test, device)}
         self.graph = ds.task == "node-classification"
         if self.graph and distributed.is_distributed():
             raise ValueError(f"dataset {config.data!r} is one graph: ulr train runs it in one "
@@ -807,12 +809,11 @@ class _Trainer:
                     f"reach of its graph layers); use --model gcn with --data {config.data}")
             from .models import gnn
 
-            adj = ds.adjacency().to(device)
+            adj = self.train_split[0][1]  # inputs (x, adjacency)
             # Nodes influence each other: ULR weights each node's noise by the losses of the
             # labelled nodes within its reach (NodeLoss); whole-graph copies share adj.
             if config.method == "ulr" and not bp_only:
-                loss = gnn.NodeLoss(adj, hops=hops, row_loss=lambda o, y: F.cross_entropy(
-                    o, y, reduction="none"))
+                loss = gnn.NodeLoss(adj, hops=hops)
             self.est = (None if bp_only
                         else _estimator(config, model, device, replicate=gnn.tile_graph))
         else:
@@ -832,8 +833,6 @@ class _Trainer:
             if rng_devices and ckpt.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
             self.prog = _Progress(**ckpt["progress"])
-        self.train_split = _to(ds.train, device)
-        self.splits = {"val": _to(ds.val, device), "test": _to(ds.test, device)}
         # A graph is one example: one full-graph step per epoch.
         self.steps_per_epoch = (1 if self.graph
                                 else math.ceil(len(ds.train[0]) / config.batch_size))
