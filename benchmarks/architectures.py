@@ -14,6 +14,7 @@ the adding problem; wall time; seeds).
 
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -280,6 +281,21 @@ def to_markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(Task)}
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set needs FIELD=JSON with FIELD one of {sorted(fields)}, "
+                             f"got {item!r}")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--set {key}: {text!r} is not JSON ({e})") from None
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", nargs="*", default=None, choices=sorted(TASKS))
@@ -291,6 +307,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--graph-copies", action="store_true",
                    help="only time the two ways of replicating a graph")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="override a Task field of every task run, e.g. --set copies=64 "
+                        "--set lr=0.01 --set sites=null (the variants of the tuning path in "
+                        "docs/architectures.md)")
     p.add_argument("--merge", action="store_true",
                    help="replace only the rows of the tasks run in the existing result file")
     args = p.parse_args(argv)
@@ -307,19 +327,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         (out / f"{name}.md").write_text("\n".join(lines) + "\n")
         if args.graph_copies:
             return grows
+    changes = _parse_sets(args.set)
     keys = args.only or list(TASKS)
     if args.smoke:
         keys = args.only or ["rnn", "gcn-karate", "snn", "blackbox-mlp"]
     rows = []
     for seed in args.seeds:
         for key in keys:
-            rows.extend(run_task(key, TASKS[key], seed, args.smoke, args.epochs,
-                                 tuple(args.methods)))
+            rows.extend(run_task(key, replace(TASKS[key], **changes), seed, args.smoke,
+                                 args.epochs, tuple(args.methods)))
     env = {"machine": f"{platform.processor() or platform.machine()}, "
                       f"{torch.get_num_threads()} threads, CPU",
            "torch": torch.__version__, "threads": args.threads, "seeds": args.seeds,
            "command": "python benchmarks/architectures.py" + (
-               f" --only {' '.join(args.only)}" if args.only else "")}
+               f" --only {' '.join(args.only)}" if args.only else "")
+           + "".join(f" --set {item}" for item in args.set)}
     name = "architectures-smoke" if args.smoke else "architectures-cpu"
     path = out / f"{name}.json"
     if args.merge and path.exists():

@@ -27,3 +27,19 @@ def test_benchmark_smoke(script, tmp_path):
     spec.loader.exec_module(module)
     rows = module.main(["--smoke", "--out", str(tmp_path)])
     assert rows
+
+
+def test_architectures_set_overrides_task_fields(tmp_path):
+    """--set FIELD=JSON reruns a task with a changed setting (the tuning variants in
+    docs/architectures.md); an unknown field or bad JSON is refused with the valid fields."""
+    spec = importlib.util.spec_from_file_location("architectures",
+                                                  ROOT / "benchmarks" / "architectures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--smoke", "--out", str(tmp_path), "--only", "binary-mlp",
+                        "--methods", "ulr", "--set", "sigma=0.7", "--set", "lr=0.01"])
+    assert rows[0]["ulr"]["sigma"] == 0.7 and rows[0]["ulr"]["lr"] == 0.01
+    with pytest.raises(SystemExit, match="FIELD one of"):
+        module.main(["--smoke", "--out", str(tmp_path), "--set", "sgima=0.7"])
+    with pytest.raises(SystemExit, match="not JSON"):
+        module.main(["--smoke", "--out", str(tmp_path), "--set", "sigma=x"])
