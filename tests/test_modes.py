@@ -188,3 +188,80 @@ def test_sobol_snapshots_restore_in_any_order():
     sampler.restore(second[1])
     got = draw(5), draw(3)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise drawn in copy blocks: replay and chunks never hold a site's K·B-row noise
+
+
+@pytest.mark.parametrize("memory,chunk", [("chunked", 3), ("replay", None)])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("cache", [False, True])
+def test_block_wise_noise_gives_the_store_estimate(monkeypatch, cnn, memory, chunk, sampler,
+                                                   cache):
+    # One copy per block (three for antithetic's pairs): every site streams many blocks, the
+    # first layer's from the B-row prefix (cache) or from tiled inputs (no cache), and a
+    # learnable per-channel sigma gets its gradient block by block as well.
+    monkeypatch.setattr(ulr.estimator, "_BLOCK_VALUES", 1)
+    cnn.double()
+    x, y = torch.randn(3, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+    sigma = {}
+
+    def make(mode, size):
+        def build():
+            noise = sigma.setdefault(mode, ulr.Gaussian(torch.full((4, 1, 1), 0.1),
+                                                        learnable=True))
+            return ulr.LikelihoodRatio(
+                cnn, num_copies=6, sampler=SAMPLERS[sampler](),
+                noise={"0": noise, "*": ulr.Gaussian(0.1)},
+                baseline=ulr.baselines.clean(), plan=ulr.plans.all_sites(cache_prefix=cache),
+                memory=mode, chunk_size=size, generator=torch.Generator().manual_seed(0))
+        return build
+
+    want, want_mean, est_a = _grads(cnn, make("store", None), x, y)
+    got, got_mean, est_b = _grads(cnn, make(memory, chunk), x, y)
+    _assert_same(got, want)
+    torch.testing.assert_close(got_mean, want_mean)
+    # sigma lives in float32 (noise is drawn in float32): its sums over blocks round there
+    torch.testing.assert_close(sigma[memory].log_scale.grad, sigma["store"].log_scale.grad,
+                               rtol=1e-5, atol=1e-7)
+    assert torch.equal(est_a.generator.get_state(), est_b.generator.get_state())
+
+
+def test_replay_never_draws_a_whole_site(monkeypatch, cnn):
+    # Linear/Conv sites of replay take their noise block by block in both passes.
+    monkeypatch.setattr(ulr.estimator, "_BLOCK_VALUES", 1)
+
+    def whole(*args, **kwargs):
+        raise AssertionError("replay drew all K·B rows of a site at once")
+
+    monkeypatch.setattr(ulr.estimator._PassRun, "_noise", whole)
+    x, y = torch.randn(3, 1, 6, 6), torch.randint(0, 3, (3,))
+    est = ulr.LikelihoodRatio(cnn, num_copies=4, memory="replay")
+    est.loss_and_grads(ce, x, y)
+    assert all(p.grad is not None for p in cnn.parameters())
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("block", [1, 3, 8])
+def test_sampler_blocks_cover_every_copy_once(sampler, block):
+    noise, shape = ulr.Gaussian(0.3), torch.Size((4, 2, 2))  # 16 values per copy
+    whole = SAMPLERS[sampler]().sample(noise, 8, shape, generator=torch.Generator().manual_seed(0),
+                     device=torch.device("cpu"))
+    got = torch.full_like(whole, float("nan"))
+    seen = []
+    for k, z in SAMPLERS[sampler]().blocks(
+            noise, 8, shape, generator=torch.Generator().manual_seed(0),
+            device=torch.device("cpu"), block_copies=block):
+        assert z.shape[0] <= block and z.shape[1:] == shape
+        got[k:k + z.shape[0]] = z
+        seen += range(k, k + z.shape[0])
+    assert sorted(seen) == list(range(8))
+    # on CPU, blocks of a multiple of 16 values are the numbers of one draw
+    torch.testing.assert_close(got, whole, rtol=0, atol=0)
+    into = torch.empty_like(whole)
+    for _ in SAMPLERS[sampler]().blocks(
+            noise, 8, shape, generator=torch.Generator().manual_seed(0),
+            device=torch.device("cpu"), block_copies=block, out=into):
+        pass
+    torch.testing.assert_close(into, whole, rtol=0, atol=0)

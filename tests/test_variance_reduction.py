@@ -142,3 +142,13 @@ def test_sobol_is_unbiased_and_reduces_variance_on_the_linear_oracle():
         assert ((s.mean(0) - truth).abs() / se).max() < 5, name
         spreads[name] = s.var(0).sum().item()
     assert spreads["sobol"] < spreads["iid"] / 2, spreads
+
+
+def test_sobol_with_a_per_channel_scale():
+    # the scale broadcasts over the site's dimensions, not over the flattened points
+    sigma = torch.tensor([0.1, 1.0, 10.0]).view(3, 1, 1)
+    z = ulr.sobol().sample(ulr.Gaussian(sigma), 64, torch.Size((50, 3, 2, 2)),
+                           generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    assert z.shape == (64, 50, 3, 2, 2)
+    std = z.transpose(0, 2).reshape(3, -1).std(dim=1)
+    torch.testing.assert_close(std, sigma.flatten(), rtol=0.05, atol=0)

@@ -63,7 +63,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -71,7 +71,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .baselines import Context
-from .estimator import LikelihoodRatio, _add, _Record, replicate
+from .estimator import LikelihoodRatio, _add, replicate
 from .plans import Pass
 
 __all__ = [
@@ -335,6 +335,15 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
             self._kept_noise.append(z.clone() if self.world_size == 1 else z)
         return z
 
+    def _noise_blocks(self, site: Any, row_shape: torch.Size, num_copies: int, batch: int,
+                      device: torch.device) -> Iterator[tuple[int, Tensor]]:
+        if self._replay_pos is None and self._kept_noise is None:
+            yield from super()._noise_blocks(site, row_shape, num_copies, batch, device)
+            return
+        # keeping or rebuilding from the kept noise: one block, through _sample
+        yield 0, self._sample(site, row_shape, num_copies, batch, device).view(
+            num_copies, batch, *row_shape)
+
     def _snapshot(self) -> tuple:
         return (*super()._snapshot(), self._replay_pos)
 
@@ -367,16 +376,13 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
         handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
         return handles, calls
 
-    def _record_grads(self, records: list[_Record], run: Any, weights: Tensor,
-                      grads: dict[Tensor, Tensor], wanted: set[int],
-                      params: list[nn.Parameter]) -> None:
-        super()._record_grads(records, run, weights, grads, wanted, params)
+    def _sites_done(self, sites: list[Any]) -> None:
         if self._rebuild is None:
             return
         expected, done = self._rebuild
-        for rec in records:
-            if rec.site.name in done:
-                done[rec.site.name] += 1
+        for site in sites:
+            if site.name in done:
+                done[site.name] += 1
         if all(done[n] >= c for n, c in expected.items()):
             raise _RebuildDoneError
 

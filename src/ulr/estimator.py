@@ -6,9 +6,9 @@ from __future__ import annotations
 import fnmatch
 import functools
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,10 @@ from .sites import SiteSpec, _stack, as_spec
 __all__ = ["LikelihoodRatio", "replicate"]
 
 DEFAULT_SIGMA = 0.1
+# Noise is drawn in blocks of whole copies of at most this many values (8 MB in fp32): a pass
+# that consumes it block by block (replay, chunks) holds one block instead of K·B rows.
+_BLOCK_VALUES = 1 << 21
+_MIN_BLOCK_VALUES = 1 << 18
 
 NoiseArg = Noise | Mapping[str, Noise | WeightNoise] | Callable[[str], Noise] | None
 Memory = Literal["store", "chunked", "replay"]
@@ -54,6 +58,14 @@ class _Record:
     value: Tensor | None = None
     bias_noise: Tensor | None = None
     tiled: bool = False
+
+
+class _Rows(NamedTuple):
+    """The row counts of a block of a pass that :meth:`LikelihoodRatio._record_grads` needs."""
+
+    rows_total: int
+    num_copies: int
+    batch: int
 
 
 class _NeedGradError(Exception):
@@ -173,11 +185,60 @@ class _PassRun:
         return bool((copies[1:] == copies[:1]).all())
 
     def _noise(self, site: _Site, row_shape: torch.Size, device: torch.device) -> Tensor:
-        z = self.est._sample(site, row_shape, self.total_copies, self.batch, device)
-        if self.num_copies != self.total_copies:
-            # a copy, not a view: a view would keep the whole K-copy block alive
-            z = z[self.k0 * self.batch:self.k1 * self.batch].clone()
+        """The noise of this run's rows, ``[rows, *row_shape]`` (fp32)."""
+        if self.num_copies == self.total_copies:
+            return self.est._sample(site, row_shape, self.total_copies, self.batch, device)
+        z = torch.empty((self.rows, *row_shape), device=device, dtype=torch.float32)
+        for r, zb in self._blocks(site, row_shape, device):
+            z[r:r + zb.shape[0]] = zb
         return z
+
+    def _blocks(self, site: _Site, row_shape: torch.Size,
+                device: torch.device) -> Iterator[tuple[int, Tensor]]:
+        """This run's rows of the site's noise, block by block: ``(first row, [n, *row_shape])``.
+        Every copy's block is drawn (a chunk sees the noise the whole pass would)."""
+        b = self.batch
+        for k, zb in self.est._noise_blocks(site, row_shape, self.total_copies, b, device):
+            lo, hi = max(k, self.k0), min(k + zb.shape[0], self.k1)
+            if lo < hi:
+                yield (lo - self.k0) * b, zb[lo - k:hi - k].reshape(-1, *row_shape)
+
+    def _stream(self, site: _Site, base: Tensor, x: Tensor | None, shared: bool,
+                owned: bool) -> Tensor:
+        """``base`` + the site's noise, added one copy block at a time; with the input ``x`` of
+        a Linear/Conv site (replay's second pass) each block is turned into gradients at once.
+        Memory: the output and one noise block, never the ``K·B``-row noise."""
+        b, rest = self.batch, base.shape[1:]
+        if owned:
+            out = base
+        elif shared:
+            out = torch.empty((self.rows, *rest), dtype=base.dtype, device=base.device)
+        else:
+            out = base.clone(memory_format=torch.contiguous_format)
+        tiled = x is not None and (shared or self._is_tiled(x))
+        # The closed-form terms of a block are fresh tensors: summed in place, so the site
+        # holds one gradient-sized buffer per parameter, not two.
+        acc: dict[Tensor, Tensor] = {}
+        for r, z in self._blocks(site, rest, base.device):
+            n = z.shape[0]
+            zz = z if z.dtype == base.dtype else z.to(base.dtype)
+            if shared:
+                torch.add(zz.view(-1, b, *rest), base.unsqueeze(0),
+                          out=out[r:r + n].view(-1, b, *rest))
+            else:
+                out[r:r + n].add_(zz)
+            if x is not None:
+                inputs = x.detach()[:b] if tiled else x.detach()[r:r + n]
+                _, wanted, params = self.sink
+                self.est._record_parts(
+                    [(0, _Record(site, "closed", z, inputs=inputs, tiled=tiled))],
+                    _Rows(self.rows_total, n // b, b), self.weights[r:r + n], wanted, params,
+                    lambda i, p, g: acc.__setitem__(p, acc[p].add_(g) if p in acc else g))
+        if x is not None:
+            for p, g in acc.items():
+                _add(self.sink[0], p, g)
+            self.est._sites_done([site])
+        return out
 
     def _add(self, base: Tensor, z: Tensor, shared: bool, consume: bool) -> Tensor:
         """``base + z``; a shared ``base`` (B rows) is broadcast over the copies, never tiled;
@@ -206,15 +267,18 @@ class _PassRun:
         base = value.detach()
         if site.weight_noise:
             return self._perturb_weights(site, base, x, shared, keep)
-        z = self._noise(site, value.shape[1:], value.device)
-        rec = None
         # A Linear/Conv output that no autograd graph and no other hook holds is ours to
         # overwrite: adding the noise in place saves one activation-sized buffer per site.
         owned = (site.closed_form and not shared and not value.requires_grad
-                 and z.dtype == value.dtype and len(site.module._forward_hooks) == 1)
+                 and value.dtype == torch.float32 and len(site.module._forward_hooks) == 1)
+        closed = site.closed_form and isinstance(x, Tensor) and not x.requires_grad
         if not keep:
-            return base.add_(z) if owned else self._add(base, z, shared, consume=True)
-        if site.closed_form and isinstance(x, Tensor) and not x.requires_grad:
+            return self._stream(site, base, None, shared, owned)
+        if self.weights is not None and closed:
+            return self._stream(site, base, x, shared, owned)
+        z = self._noise(site, value.shape[1:], value.device)
+        rec = None
+        if closed:
             if shared or self._is_tiled(x):
                 # Σ_rows g_r x_r^T = Σ_b (Σ_k g_kb) x_b^T: the weight gradient costs B rows.
                 rec = _Record(site, "closed", z, inputs=x.detach()[: self.batch], tiled=True)
@@ -311,7 +375,7 @@ class LikelihoodRatio:
               ``K·B`` rows until the losses are known — about ``K×`` the activation memory of
               backprop on ``B`` rows;
             * ``"chunked"``: the copies in chunks of ``chunk_size``; memory bounded by a chunk
-              (plus one site's noise block while it is drawn). The same estimate as ``"store"``
+              (plus one block of noise while a site draws). The same estimate as ``"store"``
               for the same generator state. One forward sweep when the baseline is row-local
               (``none``, ``clean``), two when it needs all copies (``leave_one_out``,
               ``running_average``);
@@ -319,6 +383,11 @@ class LikelihoodRatio:
               regenerated from the saved generator state in a second forward, where each site
               turns into gradients as soon as it fires — peak memory close to inference on
               ``K·B`` rows, for twice the forward compute.
+
+            Noise is drawn in blocks of whole copies (at most 8 MB each) in every mode; at
+            Linear/Conv sites, replay and the loss-only forwards of chunked add one block to the
+            output (and replay turns it into gradient terms) before drawing the next, so they
+            never hold a site's ``K·B``-row noise.
         chunk_size: copies per chunk for ``memory="chunked"``.
         workers: assemble the per-site gradients in this many threads once a pass's losses
             are known (on CUDA each thread on its own stream), overlapping with the next
@@ -520,16 +589,44 @@ class LikelihoodRatio:
                              "use cache_prefix=False")
         return spec.cache_prefix
 
-    def _sample(self, site: _Site, row_shape: torch.Size, num_copies: int, batch: int,
-                device: torch.device) -> Tensor:
-        site.noise.check_shape(row_shape, site.name)
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        """The generator, moved to ``device`` (reseeded from itself) when it is our own."""
         gen = self.generator
         if gen.device != device and self._own_generator:
             seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
             gen = self.generator = torch.Generator(device=device).manual_seed(seed)
-        z = self.sampler.sample(site.noise, num_copies, torch.Size((batch, *row_shape)),
-                                generator=gen, device=gen.device)
-        return z.reshape(num_copies * batch, *row_shape).to(device)
+        return gen
+
+    def _draw(self, site: _Site, row_shape: torch.Size, num_copies: int, batch: int,
+              device: torch.device, out: Tensor | None = None) -> Iterator[tuple[int, Tensor]]:
+        """The sampler's copy blocks ``(first copy, [n, B, *row_shape])`` of one site, on the
+        generator's device. The block size depends only on the site's shape, so every memory
+        mode, and every chunk of copies, draws the same numbers."""
+        site.noise.check_shape(row_shape, site.name)
+        gen = self._generator_on(device)
+        shape = torch.Size((batch, *row_shape))
+        # At most 8 MB, and an eighth of the copies unless that is under 1 MB: a streamed
+        # block stays small next to the site's value, and big enough to amortise its call.
+        per_copy = max(1, shape.numel())
+        block = max(1, min(_BLOCK_VALUES // per_copy,
+                           max(-(-num_copies // 8), _MIN_BLOCK_VALUES // per_copy)))
+        return self.sampler.blocks(site.noise, num_copies, shape, generator=gen,
+                                   device=gen.device, block_copies=block, out=out)
+
+    def _sample(self, site: _Site, row_shape: torch.Size, num_copies: int, batch: int,
+                device: torch.device) -> Tensor:
+        """All of a site's noise, ``[K·B, *row_shape]``."""
+        z = torch.empty((num_copies, batch, *row_shape), dtype=torch.float32,
+                        device=self._generator_on(device).device)
+        for _ in self._draw(site, row_shape, num_copies, batch, device, out=z):
+            pass
+        return z.view(num_copies * batch, *row_shape).to(device)
+
+    def _noise_blocks(self, site: _Site, row_shape: torch.Size, num_copies: int, batch: int,
+                      device: torch.device) -> Iterator[tuple[int, Tensor]]:
+        """A site's noise one copy block at a time (memory: a block instead of ``K·B`` rows)."""
+        for k, z in self._draw(site, row_shape, num_copies, batch, device):
+            yield k, z.to(device)
 
     def _snapshot(self) -> tuple:
         return self.generator.get_state(), self.sampler.snapshot()
@@ -634,6 +731,11 @@ class LikelihoodRatio:
         """Turn records into gradients: ``weights [rows of run]``, normalised by all rows."""
         self._record_parts(list(enumerate(records)), run, weights, wanted, params,
                            lambda i, p, g: _add(grads, p, g))
+        self._sites_done([rec.site for rec in records])
+
+    def _sites_done(self, sites: list[_Site]) -> None:
+        """Called once the gradients of these site calls are in the step's sums (a hook for
+        subclasses; the distributed rebuild stops its forward there)."""
 
     def _assemble(self, records: list[_Record], run: _PassRun, weights: Tensor,
                   grads: dict[Tensor, Tensor], wanted: set[int],

@@ -110,6 +110,8 @@ class Noise:
     def standard_sample(
         self, shape: torch.Size, *, generator: torch.Generator | None, device: torch.device
     ) -> Tensor:
+        """Draw unit-scale noise of ``shape`` into a new tensor (the caller scales it in
+        place)."""
         raise NotImplementedError
 
     def standard_score(self, e: Tensor) -> Tensor:
@@ -130,11 +132,26 @@ class Noise:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        out: Tensor | None = None,
     ) -> Tensor:
-        """Draw noise of ``shape`` (``[..., *site]``; the scale broadcasts on the right)."""
+        """Draw noise of ``shape`` (``[..., *site]``; the scale broadcasts on the right), into
+        ``out`` when given (a contiguous tensor of that shape; its device and dtype win)."""
+        if out is not None:
+            if out.shape != torch.Size(shape) or not out.is_contiguous():
+                raise ValueError(f"out must be a contiguous tensor of shape {tuple(shape)}, "
+                                 f"got {tuple(out.shape)}")
+            self._standard_sample_into(out, generator)
+            return out.mul_(self._scale_like(out))
         device = torch.device(device) if device is not None else torch.device("cpu")
         e = self.standard_sample(torch.Size(shape), generator=generator, device=device)
-        return self.scale_noise(e.to(dtype))
+        # standard_sample returns a fresh tensor: scale it in place (one noise-sized buffer
+        # instead of two at the peak of a site)
+        e = e.to(dtype)
+        return e.mul_(self._scale_like(e))
+
+    def _standard_sample_into(self, out: Tensor, generator: torch.Generator | None) -> None:
+        """:meth:`standard_sample` written into ``out`` (the same numbers)."""
+        out.copy_(self.standard_sample(out.shape, generator=generator, device=out.device))
 
     def scale_noise(self, e: Tensor) -> Tensor:
         """Map unit-scale noise ``e`` to this density: ``z = scale · e``."""
@@ -218,6 +235,13 @@ class Gaussian(Noise):
 
     def standard_sample(self, shape, *, generator, device):
         return torch.randn(shape, generator=generator, device=device)
+
+    def _standard_sample_into(self, out: Tensor, generator: torch.Generator | None) -> None:
+        # standard_sample draws in the default dtype: the same numbers only when out has it
+        if out.dtype == torch.get_default_dtype():
+            torch.randn(out.shape, generator=generator, device=out.device, out=out)
+        else:
+            super()._standard_sample_into(out, generator)
 
     def standard_score(self, e: Tensor) -> Tensor:
         return e

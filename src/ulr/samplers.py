@@ -11,6 +11,7 @@ that baselines built from *other* copies of an example (leave-one-out) stay unbi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -35,6 +36,34 @@ class Sampler:
     ) -> Tensor:
         """Return noise of shape ``[num_copies, *shape]`` (``shape = [B, *site]``), float32."""
         raise NotImplementedError
+
+    def blocks(
+        self,
+        noise: Noise,
+        num_copies: int,
+        shape: torch.Size,
+        *,
+        generator: torch.Generator | None,
+        device: torch.device,
+        block_copies: int,
+        out: Tensor | None = None,
+    ) -> Iterator[tuple[int, Tensor]]:
+        """Draw the same noise as a sequence of copy blocks: yield ``(first copy, noise
+        [n, *shape])`` with ``n <= block_copies``, every copy exactly once (in any order).
+
+        The memory modes of :class:`ulr.LikelihoodRatio` draw every site through this, with a
+        block size fixed by the site's shape, so a pass that consumes one block at a time sees
+        the noise that a pass keeping the whole ``[K, *shape]`` tensor sees. With ``out``
+        (contiguous ``[num_copies, *shape]``) each block is written into its rows of ``out``
+        and the yielded tensor is that view. The caller may overwrite a yielded block.
+
+        This default draws everything with :meth:`sample` and yields slices of it (correct for
+        any sampler; a subclass that draws block by block saves the memory)."""
+        z = self.sample(noise, num_copies, shape, generator=generator, device=device)
+        if out is not None:
+            z = out.copy_(z)
+        for k in range(0, num_copies, block_copies):
+            yield k, z[k:k + block_copies]
 
     def check_num_copies(self, num_copies: int) -> None:
         """Raise ``ValueError`` if this sampler cannot draw ``num_copies`` copies."""
@@ -64,6 +93,14 @@ class _IID(Sampler):
     def sample(self, noise, num_copies, shape, *, generator, device):
         return noise.sample((num_copies, *shape), generator=generator, device=device)
 
+    def blocks(self, noise, num_copies, shape, *, generator, device, block_copies, out=None):
+        # Successive draws from one generator: on CPU the same numbers as one draw of all
+        # copies whenever a block holds a multiple of 16 values.
+        for k in range(0, num_copies, block_copies):
+            n = min(block_copies, num_copies - k)
+            yield k, noise.sample((n, *shape), generator=generator, device=device,
+                                  out=None if out is None else out[k:k + n])
+
     def __repr__(self) -> str:
         return "iid()"
 
@@ -86,7 +123,20 @@ class _Antithetic(Sampler):
 
     def sample(self, noise, num_copies, shape, *, generator, device):
         half = self.inner.sample(noise, num_copies // 2, shape, generator=generator, device=device)
-        return torch.cat([half, -half], dim=0)
+        out = torch.cat([half, half], dim=0)  # no negated temporary: 1.5 noise-sized buffers
+        del half
+        out[num_copies // 2:].neg_()
+        return out
+
+    def blocks(self, noise, num_copies, shape, *, generator, device, block_copies, out=None):
+        h = num_copies // 2
+        inner = self.inner.blocks(noise, h, shape, generator=generator, device=device,
+                                  block_copies=max(1, block_copies // 2),
+                                  out=None if out is None else out[:h])
+        for k, z in inner:
+            mirror = torch.neg(z, out=out[h + k:h + k + z.shape[0]]) if out is not None else -z
+            yield h + k, mirror
+            yield k, z
 
     def copy_groups(self, num_copies: int) -> Tensor:
         inner = self.inner.copy_groups(num_copies // 2)
@@ -140,7 +190,23 @@ class _Sobol(Sampler):
         u = torch.frac(points[:, None, :] + shift[None])
         eps = torch.finfo(torch.float32).eps
         u = u.clamp_(eps, 1 - eps).to(torch.float32)
-        return noise.icdf(u).view(num_copies, batch, *site)
+        return noise.icdf(u.view(num_copies, batch, *site))  # a tensor scale broadcasts on site
+
+    def blocks(self, noise, num_copies, shape, *, generator, device, block_copies, out=None):
+        # The draws of sample() in the same order (points, then shifts); the uniforms of one
+        # block of copies at a time.
+        batch, site = shape[0], shape[1:]
+        dims = math.prod(site)
+        engines = self._engine(dims, generator)
+        points = torch.cat([e.draw(num_copies, dtype=torch.float64) for e in engines], dim=1)
+        points = points.to(device)
+        shift = torch.rand(batch, dims, generator=generator, device=device, dtype=torch.float64)
+        eps = torch.finfo(torch.float32).eps
+        for k in range(0, num_copies, block_copies):
+            n = min(block_copies, num_copies - k)
+            u = torch.frac(points[k:k + n, None, :] + shift[None])
+            z = noise.icdf(u.clamp_(eps, 1 - eps).to(torch.float32).view(n, batch, *site))
+            yield k, z if out is None else out[k:k + n].copy_(z)
 
     def copy_groups(self, num_copies: int) -> Tensor:
         return torch.zeros(num_copies, dtype=torch.long)
