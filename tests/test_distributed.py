@@ -287,6 +287,7 @@ def test_model_split_equals_one_estimator():
 
 def _cli(*args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ULR_DIST_TIMEOUT": "120",
+           "PYTHONFAULTHANDLER": "1",  # a crash in a rank shows its Python stack
            "ULR_DIST_DEADLINE": str(timeout - 30),
            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "ulr", "train", *args], env=env, cwd=ROOT,
@@ -366,6 +367,7 @@ def test_torchrun_launch(tmp_path):
     """`torchrun -m ulr train`: the ranks join through torchrun's environment (env://)."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ULR_DIST_TIMEOUT": "120",
+           "PYTHONFAULTHANDLER": "1",  # a crash in a rank shows its Python stack
            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

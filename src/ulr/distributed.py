@@ -61,6 +61,7 @@ import contextlib
 import datetime
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -541,9 +542,17 @@ def _entry(local_rank: int, fn: Callable, nprocs: int, store: str, backend: str,
         out = fn(local_rank, nprocs, *args)
         if result_dir is not None:
             torch.save(out, os.path.join(result_dir, f"rank{local_rank}.pt"))
+        # No rank closes its connections while a peer may still be reading its last message.
+        dist.barrier()
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+    # The work is done and saved: leave without the interpreter's teardown, during which the
+    # communication library's background threads have been seen to abort a finished process
+    # ("terminate called without an active exception"), failing a run that succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(fn: Callable[..., Any], nprocs: int, *args: Any, backend: str | None = None,
