@@ -7,7 +7,7 @@ CUDA it is the rise of ``torch.cuda.max_memory_allocated``. Ratios are to plain 
 the same K·B rows. Children run with a fixed glibc mmap threshold so that freed buffers leave
 the resident set (otherwise heap fragmentation inflates every peak).
 
-    python benchmarks/memory.py                     # writes docs/results/memory-cpu.{json,md}
+    python benchmarks/memory.py                     # writes docs/results/memory-cpu.{json,md,png}
     python benchmarks/memory.py --device cuda
     python benchmarks/memory.py --smoke
 """
@@ -150,8 +150,14 @@ def main(argv=None):
     lines += [f"| {r['model']} | {r['case']} | {r['peak_mb']} | {r['ratio_to_inference']} | "
               f"{r['ratio_to_inference_plus_grads']} |" for r in rows]
     grads = {r["model"]: r["grad_buffers_mb"] for r in rows}
-    lines += ["", "Gradient buffers: " + ", ".join(f"{m} {g} MB" for m, g in grads.items()) + "."]
+    lines += ["", "Gradient buffers: " + ", ".join(f"{m} {g} MB" for m, g in grads.items()) + ".",
+              "", f"![peak memory ratios]({stem}.png)"]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    from ulr.plots import ratio_bars
+
+    ratio_bars(rows, out / f"{stem}.png", value="ratio_to_inference",
+               xlabel="peak memory / inference on K·B rows", target=1.3,
+               title=f"Peak memory of one step ({args.device}; B={args.batch}, K={args.copies})")
     return rows
 
 

@@ -1,12 +1,13 @@
 """Step time of the ULR estimator relative to a plain forward pass over the same K·B rows.
 
-Every number of one run is measured in the same process, interleaved, as a ratio to the
-no-grad forward of K·B rows (METHOD.md §6 predicts ≈ 2 for the closed-form path: the forward
+Every number of one run is measured in the same process, in rounds that run every case in
+turn (interleaved; each warm), as the median over rounds of the ratio to that round's no-grad
+forward of K·B rows (METHOD.md §6 predicts ≈ 2 for the closed-form path: the forward
 plus one weight-gradient product per site). Writes JSON and a markdown table.
 
-    python benchmarks/speed.py                       # CPU, writes docs/results/speed-cpu.{json,md}
-    python benchmarks/speed.py --device cuda         # on a GPU
-    python benchmarks/speed.py --smoke               # tiny, for CI
+    python benchmarks/speed.py                 # CPU: docs/results/speed-cpu.{json,md,png}
+    python benchmarks/speed.py --device cuda   # on a GPU
+    python benchmarks/speed.py --smoke         # tiny, for CI
 """
 
 from __future__ import annotations
@@ -34,17 +35,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats):
-    fn()
-    fn()
-    sync(device)
-    times = []
+def timed(cases, device, repeats):
+    """Per case, the times of ``repeats`` rounds; each round runs every case in turn, so that
+    a slow spell of the machine hits all cases of that round alike. Within a round a case runs
+    twice and the second run is timed: warm, as in a training loop that repeats one step
+    (the first pays for the memory the previous case gave back to the system)."""
+    times = {c: [] for c in cases}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for c, fn in cases.items():
+            fn()
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[c].append(time.perf_counter() - t)
+    return times
 
 
 def models(smoke):
@@ -108,12 +113,15 @@ def main(argv=None):
         cases = {"forward K·B (no grad)": forward, "ULR all-sites iid": ulr_step(plain),
                  "ULR layer-wise antithetic+LOO": ulr_step(best), "BP on K·B rows": bp_kb,
                  "BP on B rows": bp_b}
-        times = {c: timed(fn, device, args.repeats) for c, fn in cases.items()}
+        times = timed(cases, device, args.repeats)
         base = times["forward K·B (no grad)"]
-        for c, t in times.items():
+        for c, ts in times.items():
+            # the ratio within each round, then the median over rounds
+            ratio = statistics.median(t / f for t, f in zip(ts, base, strict=True))
+            t = statistics.median(ts)
             rows.append({"model": name, "case": c, "sites": n_sites, "batch": b, "copies": k,
-                         "ms": round(t * 1e3, 3), "ratio_to_forward": round(t / base, 2)})
-            print(f"{name:22s} {c:32s} {t * 1e3:9.2f} ms  x{t / base:5.2f}")
+                         "ms": round(t * 1e3, 3), "ratio_to_forward": round(ratio, 2)})
+            print(f"{name:22s} {c:32s} {t * 1e3:9.2f} ms  x{ratio:5.2f}")
 
     dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else platform.processor() or platform.machine())
@@ -129,12 +137,19 @@ def main(argv=None):
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# ULR step time vs a plain forward ({dev_name})", "",
              f"torch {meta['torch']}, {meta['threads']} threads, batch B={args.batch}, "
-             f"K={args.copies} copies; median of {args.repeats}. Ratio = time / no-grad forward "
-             f"of K·B rows. Layer-wise runs one K·B pass per site. Reproduce: "
+             f"K={args.copies} copies; {args.repeats} interleaved rounds. ms = median; ratio = "
+             f"median over rounds of time / that round's no-grad forward of K·B rows. "
+             f"Layer-wise runs one K·B pass per site. Reproduce: "
              f"`{meta['command']}`", "",
              "| model | case | ms | ratio |", "|---|---|---:|---:|"]
     lines += [f"| {r['model']} | {r['case']} | {r['ms']} | {r['ratio_to_forward']} |" for r in rows]
+    lines += ["", f"![step time ratios]({stem}.png)"]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    from ulr.plots import ratio_bars
+
+    ratio_bars(rows, out / f"{stem}.png", value="ratio_to_forward", target=2.2,
+               xlabel="step time / no-grad forward of K·B rows",
+               title=f"Step time ({dev_name}; B={args.batch}, K={args.copies})")
     return rows
 
 

@@ -43,3 +43,13 @@ def test_architectures_set_overrides_task_fields(tmp_path):
         module.main(["--smoke", "--out", str(tmp_path), "--set", "sgima=0.7"])
     with pytest.raises(SystemExit, match="not JSON"):
         module.main(["--smoke", "--out", str(tmp_path), "--set", "sigma=x"])
+
+
+def test_ratio_bars_writes_a_png(tmp_path):
+    from ulr.plots import ratio_bars
+
+    rows = [{"model": m, "case": c, "ratio": r} for m in ("mlp", "vgg8")
+            for c, r in (("inference", 1.0), ("ULR replay", 1.08), ("backprop", 1.82))]
+    path = ratio_bars(rows, tmp_path / "bars.png", value="ratio", xlabel="x", title="t",
+                      target=1.3)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000

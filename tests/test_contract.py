@@ -372,7 +372,8 @@ def test_inputs_modified_in_place_are_not_treated_as_copies():
     est.loss_and_grads(lambda o: o.pow(2).sum(1), x.clone())
     got = model.lin.weight.grad.clone()
     # the same estimate by hand: rows k*B+b carry input x_b + (k*B+b)
-    z = ulr.Gaussian(0.1).sample((3, 4, 2), generator=torch.Generator().manual_seed(0))
+    z = ulr.iid().sample(ulr.Gaussian(0.1), 3, torch.Size((4, 2)),
+                         generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
     rows = x.repeat(3, 1) + torch.arange(12.0).unsqueeze(1)
     with torch.no_grad():
         v = model.lin(rows) + z.view(12, 2)
@@ -420,8 +421,9 @@ def test_custom_replicate_for_a_whole_graph():
     assert layouts == [(3, n)]
     # by hand, one graph copy at a time, with the same draws (site lin1, then lin2)
     gen = torch.Generator().manual_seed(0)
-    z1 = ulr.Gaussian(0.1).sample((3, n, 8), generator=gen)
-    z2 = ulr.Gaussian(0.1).sample((3, n, 2), generator=gen)
+    cpu = torch.device("cpu")
+    z1 = ulr.iid().sample(ulr.Gaussian(0.1), 3, torch.Size((n, 8)), generator=gen, device=cpu)
+    z2 = ulr.iid().sample(ulr.Gaussian(0.1), 3, torch.Size((n, 2)), generator=gen, device=cpu)
     grad_w1 = torch.zeros_like(model.lin1.weight)
     grad_w2 = torch.zeros_like(model.lin2.weight)
     with torch.no_grad():

@@ -202,7 +202,7 @@ def test_block_wise_noise_gives_the_store_estimate(monkeypatch, cnn, memory, chu
     # One copy per block (three for antithetic's pairs): every site streams many blocks, the
     # first layer's from the B-row prefix (cache) or from tiled inputs (no cache), and a
     # learnable per-channel sigma gets its gradient block by block as well.
-    monkeypatch.setattr(ulr.estimator, "_BLOCK_VALUES", 1)
+    monkeypatch.setattr(ulr.samplers, "_BLOCK_VALUES", 1)
     cnn.double()
     x, y = torch.randn(3, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
     sigma = {}
@@ -230,7 +230,7 @@ def test_block_wise_noise_gives_the_store_estimate(monkeypatch, cnn, memory, chu
 
 def test_replay_never_draws_a_whole_site(monkeypatch, cnn):
     # Linear/Conv sites of replay take their noise block by block in both passes.
-    monkeypatch.setattr(ulr.estimator, "_BLOCK_VALUES", 1)
+    monkeypatch.setattr(ulr.samplers, "_BLOCK_VALUES", 1)
 
     def whole(*args, **kwargs):
         raise AssertionError("replay drew all K·B rows of a site at once")
@@ -243,25 +243,53 @@ def test_replay_never_draws_a_whole_site(monkeypatch, cnn):
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
-@pytest.mark.parametrize("block", [1, 3, 8])
-def test_sampler_blocks_cover_every_copy_once(sampler, block):
-    noise, shape = ulr.Gaussian(0.3), torch.Size((4, 2, 2))  # 16 values per copy
+@pytest.mark.parametrize("values", [1, 40, 10**9])  # one copy per block, three, all copies
+def test_sampler_blocks_are_the_sample(monkeypatch, sampler, values):
+    monkeypatch.setattr(ulr.samplers, "_BLOCK_VALUES", values)
+    monkeypatch.setattr(ulr.samplers, "_MIN_BLOCK_VALUES", 0)
+    noise, shape, cpu = ulr.Gaussian(0.3), torch.Size((4, 2, 2)), torch.device("cpu")
+
+    def draw(**kwargs):
+        gen = torch.Generator().manual_seed(0)
+        blocks = list(SAMPLERS[sampler]().blocks(noise, 8, shape, generator=gen, device=cpu,
+                                                 **kwargs))
+        return blocks, gen.get_state()
+
     whole = SAMPLERS[sampler]().sample(noise, 8, shape, generator=torch.Generator().manual_seed(0),
-                     device=torch.device("cpu"))
+                                       device=cpu)
+    assert whole.shape == (8, *shape)
+    blocks, state = draw()
     got = torch.full_like(whole, float("nan"))
     seen = []
-    for k, z in SAMPLERS[sampler]().blocks(
-            noise, 8, shape, generator=torch.Generator().manual_seed(0),
-            device=torch.device("cpu"), block_copies=block):
-        assert z.shape[0] <= block and z.shape[1:] == shape
+    for k, z in blocks:
         got[k:k + z.shape[0]] = z
         seen += range(k, k + z.shape[0])
     assert sorted(seen) == list(range(8))
-    # on CPU, blocks of a multiple of 16 values are the numbers of one draw
-    torch.testing.assert_close(got, whole, rtol=0, atol=0)
+    assert torch.equal(got, whole)
     into = torch.empty_like(whole)
-    for _ in SAMPLERS[sampler]().blocks(
-            noise, 8, shape, generator=torch.Generator().manual_seed(0),
-            device=torch.device("cpu"), block_copies=block, out=into):
-        pass
-    torch.testing.assert_close(into, whole, rtol=0, atol=0)
+    draw(out=into)
+    assert torch.equal(into, whole)
+    # a range of copies: only the blocks that hold them, the same numbers, the same
+    # generator state afterwards (the next site's noise does not depend on the chunk)
+    part, part_state = draw(copies=(3, 5))
+    assert {c for k, z in part for c in range(k, k + z.shape[0])} >= {3, 4}
+    for k, z in part:
+        assert torch.equal(z, whole[k:k + z.shape[0]])
+    assert torch.equal(part_state, state)
+
+
+def test_iid_blocks_do_not_depend_on_the_thread_count(monkeypatch):
+    monkeypatch.setattr(ulr.samplers, "_BLOCK_VALUES", 64)
+    monkeypatch.setattr(ulr.samplers, "_MIN_BLOCK_VALUES", 0)
+    threads = torch.get_num_threads()
+    draws = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            draws.append(ulr.iid().sample(ulr.Gaussian(1.0), 16, torch.Size((4, 8)),
+                                          generator=torch.Generator().manual_seed(5),
+                                          device=torch.device("cpu")))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(d, draws[0]) for d in draws[1:])
+    assert draws[0].std() == pytest.approx(1.0, rel=0.1)

@@ -20,8 +20,11 @@ def test_weight_noise_matches_a_hand_computation():
                               generator=torch.Generator().manual_seed(0))
     est.loss_and_grads(lambda o, y: ((o - y) ** 2).sum(1), x, t)
     gen = torch.Generator().manual_seed(0)
-    e = ulr.Gaussian(sigma).sample((k, 4, 2, 3), generator=gen).view(k * 4, 2, 3)
-    eb = ulr.Gaussian(sigma).sample((k, 4, 2), generator=gen).view(k * 4, 2)
+    cpu = torch.device("cpu")  # the draws of the estimator's sampler, iid()
+    e = ulr.iid().sample(ulr.Gaussian(sigma), k, torch.Size((4, 2, 3)), generator=gen,
+                         device=cpu).view(k * 4, 2, 3)
+    eb = ulr.iid().sample(ulr.Gaussian(sigma), k, torch.Size((4, 2)), generator=gen,
+                          device=cpu).view(k * 4, 2)
     rows, targets = x.repeat(k, 1), t.repeat(k, 1)
     with torch.no_grad():
         out = layer(rows) + torch.einsum("ri,roi->ro", rows, e) + eb

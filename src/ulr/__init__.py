@@ -12,7 +12,7 @@ from .samplers import antithetic, iid, sobol
 from .schedules import NoiseSchedule
 from .sites import copy_layout, perturb
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = ("data", "models", "train", "peers", "bench", "distributed", "finetune")
 

@@ -337,9 +337,11 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
         return z
 
     def _noise_blocks(self, site: Any, row_shape: torch.Size, num_copies: int, batch: int,
-                      device: torch.device) -> Iterator[tuple[int, Tensor]]:
+                      device: torch.device, copies: tuple[int, int] | None = None
+                      ) -> Iterator[tuple[int, Tensor]]:
         if self._replay_pos is None and self._kept_noise is None:
-            yield from super()._noise_blocks(site, row_shape, num_copies, batch, device)
+            yield from super()._noise_blocks(site, row_shape, num_copies, batch, device,
+                                             copies=copies)
             return
         # keeping or rebuilding from the kept noise: one block, through _sample
         yield 0, self._sample(site, row_shape, num_copies, batch, device).view(

@@ -24,10 +24,6 @@ from .sites import SiteSpec, _stack, as_spec
 __all__ = ["LikelihoodRatio", "replicate"]
 
 DEFAULT_SIGMA = 0.1
-# Noise is drawn in blocks of whole copies of at most this many values (8 MB in fp32): a pass
-# that consumes it block by block (replay, chunks) holds one block instead of K·B rows.
-_BLOCK_VALUES = 1 << 21
-_MIN_BLOCK_VALUES = 1 << 18
 
 NoiseArg = Noise | Mapping[str, Noise | WeightNoise] | Callable[[str], Noise] | None
 Memory = Literal["store", "chunked", "replay"]
@@ -195,10 +191,12 @@ class _PassRun:
 
     def _blocks(self, site: _Site, row_shape: torch.Size,
                 device: torch.device) -> Iterator[tuple[int, Tensor]]:
-        """This run's rows of the site's noise, block by block: ``(first row, [n, *row_shape])``.
-        Every copy's block is drawn (a chunk sees the noise the whole pass would)."""
+        """This run's rows of the site's noise, block by block: ``(first row, [n, *row_shape])``
+        (a chunk sees the noise the whole pass would)."""
         b = self.batch
-        for k, zb in self.est._noise_blocks(site, row_shape, self.total_copies, b, device):
+        wanted = None if self.num_copies == self.total_copies else (self.k0, self.k1)
+        for k, zb in self.est._noise_blocks(site, row_shape, self.total_copies, b, device,
+                                            copies=wanted):
             lo, hi = max(k, self.k0), min(k + zb.shape[0], self.k1)
             if lo < hi:
                 yield (lo - self.k0) * b, zb[lo - k:hi - k].reshape(-1, *row_shape)
@@ -384,7 +382,8 @@ class LikelihoodRatio:
               turns into gradients as soon as it fires — peak memory close to inference on
               ``K·B`` rows, for twice the forward compute.
 
-            Noise is drawn in blocks of whole copies (at most 8 MB each) in every mode; at
+            Noise is drawn in blocks of whole copies (at most 8 MB each; see
+            :meth:`ulr.Sampler.blocks`) in every mode; at
             Linear/Conv sites, replay and the loss-only forwards of chunked add one block to the
             output (and replay turns it into gradient terms) before drawing the next, so they
             never hold a site's ``K·B``-row noise.
@@ -598,20 +597,14 @@ class LikelihoodRatio:
         return gen
 
     def _draw(self, site: _Site, row_shape: torch.Size, num_copies: int, batch: int,
-              device: torch.device, out: Tensor | None = None) -> Iterator[tuple[int, Tensor]]:
+              device: torch.device, out: Tensor | None = None,
+              copies: tuple[int, int] | None = None) -> Iterator[tuple[int, Tensor]]:
         """The sampler's copy blocks ``(first copy, [n, B, *row_shape])`` of one site, on the
-        generator's device. The block size depends only on the site's shape, so every memory
-        mode, and every chunk of copies, draws the same numbers."""
+        generator's device (see :meth:`ulr.Sampler.blocks`)."""
         site.noise.check_shape(row_shape, site.name)
         gen = self._generator_on(device)
-        shape = torch.Size((batch, *row_shape))
-        # At most 8 MB, and an eighth of the copies unless that is under 1 MB: a streamed
-        # block stays small next to the site's value, and big enough to amortise its call.
-        per_copy = max(1, shape.numel())
-        block = max(1, min(_BLOCK_VALUES // per_copy,
-                           max(-(-num_copies // 8), _MIN_BLOCK_VALUES // per_copy)))
-        return self.sampler.blocks(site.noise, num_copies, shape, generator=gen,
-                                   device=gen.device, block_copies=block, out=out)
+        return self.sampler.blocks(site.noise, num_copies, torch.Size((batch, *row_shape)),
+                                   generator=gen, device=gen.device, out=out, copies=copies)
 
     def _sample(self, site: _Site, row_shape: torch.Size, num_copies: int, batch: int,
                 device: torch.device) -> Tensor:
@@ -623,9 +616,11 @@ class LikelihoodRatio:
         return z.view(num_copies * batch, *row_shape).to(device)
 
     def _noise_blocks(self, site: _Site, row_shape: torch.Size, num_copies: int, batch: int,
-                      device: torch.device) -> Iterator[tuple[int, Tensor]]:
-        """A site's noise one copy block at a time (memory: a block instead of ``K·B`` rows)."""
-        for k, z in self._draw(site, row_shape, num_copies, batch, device):
+                      device: torch.device, copies: tuple[int, int] | None = None
+                      ) -> Iterator[tuple[int, Tensor]]:
+        """A site's noise one copy block at a time (memory: a block instead of ``K·B`` rows);
+        with ``copies=(k0, k1)`` the blocks holding those copies."""
+        for k, z in self._draw(site, row_shape, num_copies, batch, device, copies=copies):
             yield k, z.to(device)
 
     def _snapshot(self) -> tuple:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Run", "expand_run_dirs", "load_run", "plot_runs"]
+__all__ = ["Run", "expand_run_dirs", "load_run", "plot_runs", "ratio_bars"]
 
 
 @dataclass
@@ -227,3 +227,33 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
             axes[0][j].legend(fontsize="small")
         written.append(_save(fig, out / "cosine.png"))
     return written
+
+
+def ratio_bars(rows: Sequence[dict[str, Any]], path: str | Path, *, value: str, xlabel: str,
+               title: str, target: float | None = None, target_label: str = "target") -> Path:
+    """Horizontal bars of ``row[value]`` per ``row["case"]``, one panel per ``row["model"]``
+    (benchmark tables: ratios to a reference), with the reference at 1 and an optional
+    ``target`` line. Returns the PNG's path."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig = _figure(ncols=len(models), width=4.8, height=0.45 * max(
+        sum(r["model"] == m for r in rows) for m in models) + 1.4)
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, model in zip(axes, models, strict=True):
+        mine = [r for r in rows if r["model"] == model]
+        ys = range(len(mine))
+        vals = [r[value] for r in mine]
+        ax.barh(ys, vals, color=["#4c72b0" if "ULR" in r["case"] else "#999999" for r in mine])
+        for y, v in zip(ys, vals, strict=True):
+            ax.text(v, y, f" {v:g}", va="center", fontsize=8)
+        ax.set_yticks(list(ys), [r["case"] for r in mine], fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="black", lw=0.8)
+        if target is not None:
+            ax.axvline(target, color="#c44e52", ls="--", lw=1, label=f"{target_label} {target:g}")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_xlim(0, max(vals + [target or 0]) * 1.2)
+        ax.set_xlabel(xlabel)
+        ax.set_title(model, fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    out = Path(path)
+    return _save(fig, out)

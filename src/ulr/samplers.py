@@ -11,7 +11,9 @@ that baselines built from *other* copies of an example (leave-one-out) stay unbi
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -22,8 +24,46 @@ from .noise import Noise
 __all__ = ["Sampler", "iid", "antithetic", "sobol"]
 
 
+# A site's noise is drawn in blocks of whole copies: at most this many values (8 MB in fp32),
+# and an eighth of the copies unless that is under _MIN_BLOCK_VALUES. A pass that consumes the
+# noise block by block (replay, chunks) holds one block, never the K·B rows; a block is big
+# enough to amortise its call.
+_BLOCK_VALUES = 1 << 21
+_MIN_BLOCK_VALUES = 1 << 18
+
+
+def block_copies(num_copies: int, shape: torch.Size) -> int:
+    """Copies per noise block for ``num_copies`` copies of ``shape = [B, *site]``."""
+    per_copy = max(1, math.prod(shape))
+    return max(1, min(_BLOCK_VALUES // per_copy,
+                      max(-(-num_copies // 8), _MIN_BLOCK_VALUES // per_copy)))
+
+
+def _overlaps(k: int, n: int, copies: tuple[int, int] | None) -> bool:
+    return copies is None or (k < copies[1] and copies[0] < k + n)
+
+
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _pool() -> ThreadPoolExecutor | None:
+    """Threads drawing CPU noise blocks in parallel (one per intra-op thread), or None."""
+    global _POOL
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return None
+    if _POOL is None or _POOL[:2] != (os.getpid(), threads):  # new after fork / set_num_threads
+        _POOL = (os.getpid(), threads,
+                 ThreadPoolExecutor(threads, thread_name_prefix="ulr-noise"))
+    return _POOL[2]
+
+
 class Sampler:
-    """Base class: draws ``[K, B, *site]`` noise for one site."""
+    """Base class: draws ``[K, B, *site]`` noise for one site, as copy blocks.
+
+    A subclass implements :meth:`blocks` (then :meth:`sample` assembles them) or only
+    :meth:`sample` (then :meth:`blocks` slices it, which costs the memory of all copies).
+    """
 
     def sample(
         self,
@@ -34,8 +74,15 @@ class Sampler:
         generator: torch.Generator | None,
         device: torch.device,
     ) -> Tensor:
-        """Return noise of shape ``[num_copies, *shape]`` (``shape = [B, *site]``), float32."""
-        raise NotImplementedError
+        """Return noise of shape ``[num_copies, *shape]`` (``shape = [B, *site]``), float32:
+        the blocks of :meth:`blocks`, assembled."""
+        if type(self).blocks is Sampler.blocks:
+            raise NotImplementedError(f"{type(self).__name__} must implement sample or blocks")
+        out = torch.empty((num_copies, *shape), dtype=torch.float32, device=device)
+        for _ in self.blocks(noise, num_copies, shape, generator=generator, device=device,
+                             out=out):
+            pass
+        return out
 
     def blocks(
         self,
@@ -45,25 +92,28 @@ class Sampler:
         *,
         generator: torch.Generator | None,
         device: torch.device,
-        block_copies: int,
         out: Tensor | None = None,
+        copies: tuple[int, int] | None = None,
     ) -> Iterator[tuple[int, Tensor]]:
-        """Draw the same noise as a sequence of copy blocks: yield ``(first copy, noise
-        [n, *shape])`` with ``n <= block_copies``, every copy exactly once (in any order).
+        """Draw the noise as blocks of copies: yield ``(first copy, noise [n, *shape])``,
+        every copy exactly once, in an order fixed by the arguments.
 
-        The memory modes of :class:`ulr.LikelihoodRatio` draw every site through this, with a
-        block size fixed by the site's shape, so a pass that consumes one block at a time sees
-        the noise that a pass keeping the whole ``[K, *shape]`` tensor sees. With ``out``
-        (contiguous ``[num_copies, *shape]``) each block is written into its rows of ``out``
-        and the yielded tensor is that view. The caller may overwrite a yielded block.
-
-        This default draws everything with :meth:`sample` and yields slices of it (correct for
-        any sampler; a subclass that draws block by block saves the memory)."""
+        The generator advances by the same amount whichever blocks are consumed, so the memory
+        modes of :class:`ulr.LikelihoodRatio` (which all draw through this) see the same
+        numbers. With ``out`` (contiguous ``[num_copies, *shape]``, float32) each block is
+        written into its rows and the yielded tensor is that view. With ``copies=(k0, k1)``
+        only blocks that hold one of those copies are yielded (and, where the sampler can,
+        drawn). The caller may overwrite a yielded block.
+        """
+        if type(self).sample is Sampler.sample:
+            raise NotImplementedError(f"{type(self).__name__} must implement sample or blocks")
         z = self.sample(noise, num_copies, shape, generator=generator, device=device)
         if out is not None:
             z = out.copy_(z)
-        for k in range(0, num_copies, block_copies):
-            yield k, z[k:k + block_copies]
+        step = block_copies(num_copies, shape)
+        for k in range(0, num_copies, step):
+            if _overlaps(k, step, copies):
+                yield k, z[k:k + step]
 
     def check_num_copies(self, num_copies: int) -> None:
         """Raise ``ValueError`` if this sampler cannot draw ``num_copies`` copies."""
@@ -90,16 +140,37 @@ class Sampler:
 
 
 class _IID(Sampler):
-    def sample(self, noise, num_copies, shape, *, generator, device):
-        return noise.sample((num_copies, *shape), generator=generator, device=device)
+    def blocks(self, noise, num_copies, shape, *, generator, device, out=None, copies=None):
+        # Each block has its own generator, seeded by one draw of all blocks' seeds from
+        # `generator`: blocks are independent, so they are drawn in parallel on CPU (the CPU
+        # generator is sequential and drawing the noise would otherwise cost as much as a
+        # forward), skipped when not wanted, and the numbers do not depend on the threads.
+        step = block_copies(num_copies, shape)
+        starts = range(0, num_copies, step)
+        seeds = torch.randint(0, 2**62, (len(starts),), generator=generator,
+                              device=generator.device if generator is not None else "cpu")
+        todo = [(k, min(step, num_copies - k), seed)
+                for k, seed in zip(starts, seeds.tolist(), strict=True)
+                if _overlaps(k, step, copies)]
 
-    def blocks(self, noise, num_copies, shape, *, generator, device, block_copies, out=None):
-        # Successive draws from one generator: on CPU the same numbers as one draw of all
-        # copies whenever a block holds a multiple of 16 values.
-        for k in range(0, num_copies, block_copies):
-            n = min(block_copies, num_copies - k)
-            yield k, noise.sample((n, *shape), generator=generator, device=device,
-                                  out=None if out is None else out[k:k + n])
+        def draw(k: int, n: int, seed: int) -> Tensor:
+            g = torch.Generator(device=device).manual_seed(seed)
+            return noise.sample((n, *shape), generator=g, device=device,
+                                out=None if out is None else out[k:k + n])
+
+        pool = _pool() if torch.device(device).type == "cpu" and len(todo) > 1 else None
+        if pool is None:
+            for k, n, seed in todo:
+                yield k, draw(k, n, seed)
+            return
+        # all at once into `out`; otherwise one block ahead of the consumer (two in memory)
+        ahead = len(todo) if out is not None else 1
+        futures = [pool.submit(draw, *t) for t in todo[:ahead]]
+        for i, (k, _, _) in enumerate(todo):
+            if i + ahead < len(todo):
+                futures.append(pool.submit(draw, *todo[i + ahead]))
+            yield k, futures[i].result()
+            futures[i] = None
 
     def __repr__(self) -> str:
         return "iid()"
@@ -121,18 +192,17 @@ class _Antithetic(Sampler):
                 f"{max(2, num_copies + num_copies % 2)}"
             )
 
-    def sample(self, noise, num_copies, shape, *, generator, device):
-        half = self.inner.sample(noise, num_copies // 2, shape, generator=generator, device=device)
-        out = torch.cat([half, half], dim=0)  # no negated temporary: 1.5 noise-sized buffers
-        del half
-        out[num_copies // 2:].neg_()
-        return out
-
-    def blocks(self, noise, num_copies, shape, *, generator, device, block_copies, out=None):
+    def blocks(self, noise, num_copies, shape, *, generator, device, out=None, copies=None):
         h = num_copies // 2
+        inner_copies = None
+        if copies is not None:  # the first-half copies whose block or mirror is wanted
+            k0, k1 = copies
+            parts = [(max(k0, 0), min(k1, h)), (max(k0 - h, 0), min(k1 - h, h))]
+            parts = [p for p in parts if p[0] < p[1]]
+            inner_copies = (min(p[0] for p in parts), max(p[1] for p in parts)) if parts \
+                else (0, 0)
         inner = self.inner.blocks(noise, h, shape, generator=generator, device=device,
-                                  block_copies=max(1, block_copies // 2),
-                                  out=None if out is None else out[:h])
+                                  out=None if out is None else out[:h], copies=inner_copies)
         for k, z in inner:
             mirror = torch.neg(z, out=out[h + k:h + k + z.shape[0]]) if out is not None else -z
             yield h + k, mirror
@@ -178,23 +248,9 @@ class _Sobol(Sampler):
                             seed=(seed + start) % 2**62)
                 for start in range(0, dims, SobolEngine.MAXDIM)]
 
-    def sample(self, noise, num_copies, shape, *, generator, device):
-        batch, site = shape[0], shape[1:]
-        dims = math.prod(site)
-        engines = self._engine(dims, generator)
-        points = torch.cat([e.draw(num_copies, dtype=torch.float64) for e in engines], dim=1)
-        points = points.to(device)  # [K, D], shared by all examples
-        # An independent uniform shift per example (mod 1) makes every row exactly uniform,
-        # so the estimate stays unbiased, while each example's K copies keep the Sobol spacing.
-        shift = torch.rand(batch, dims, generator=generator, device=device, dtype=torch.float64)
-        u = torch.frac(points[:, None, :] + shift[None])
-        eps = torch.finfo(torch.float32).eps
-        u = u.clamp_(eps, 1 - eps).to(torch.float32)
-        return noise.icdf(u.view(num_copies, batch, *site))  # a tensor scale broadcasts on site
-
-    def blocks(self, noise, num_copies, shape, *, generator, device, block_copies, out=None):
-        # The draws of sample() in the same order (points, then shifts); the uniforms of one
-        # block of copies at a time.
+    def blocks(self, noise, num_copies, shape, *, generator, device, out=None, copies=None):
+        # The K points and the per-example shifts are drawn whole (K·D and B·D values, small
+        # next to K·B·D); the uniforms of one block of copies at a time.
         batch, site = shape[0], shape[1:]
         dims = math.prod(site)
         engines = self._engine(dims, generator)
@@ -202,8 +258,11 @@ class _Sobol(Sampler):
         points = points.to(device)
         shift = torch.rand(batch, dims, generator=generator, device=device, dtype=torch.float64)
         eps = torch.finfo(torch.float32).eps
-        for k in range(0, num_copies, block_copies):
-            n = min(block_copies, num_copies - k)
+        step = block_copies(num_copies, shape)
+        for k in range(0, num_copies, step):
+            if not _overlaps(k, step, copies):
+                continue
+            n = min(step, num_copies - k)
             u = torch.frac(points[k:k + n, None, :] + shift[None])
             z = noise.icdf(u.clamp_(eps, 1 - eps).to(torch.float32).view(n, batch, *site))
             yield k, z if out is None else out[k:k + n].copy_(z)
