@@ -141,12 +141,23 @@ class Sampler:
 
 class _IID(Sampler):
     def blocks(self, noise, num_copies, shape, *, generator, device, out=None, copies=None):
-        # Each block has its own generator, seeded by one draw of all blocks' seeds from
-        # `generator`: blocks are independent, so they are drawn in parallel on CPU (the CPU
+        # On CPU each block has its own generator, seeded by one draw of all blocks' seeds from
+        # `generator`: blocks are independent, so they are drawn in parallel threads (the CPU
         # generator is sequential and drawing the noise would otherwise cost as much as a
         # forward), skipped when not wanted, and the numbers do not depend on the threads.
         step = block_copies(num_copies, shape)
         starts = range(0, num_copies, step)
+        if torch.device(device).type != "cpu":
+            # An accelerator's generator draws in parallel already, and reading seeds back
+            # would synchronise: successive blocks from `generator` (unwanted ones are drawn
+            # too, so that the generator ends in the same state).
+            for k in starts:
+                n = min(step, num_copies - k)
+                z = noise.sample((n, *shape), generator=generator, device=device,
+                                 out=None if out is None else out[k:k + n])
+                if _overlaps(k, step, copies):
+                    yield k, z
+            return
         seeds = torch.randint(0, 2**62, (len(starts),), generator=generator,
                               device=generator.device if generator is not None else "cpu")
         todo = [(k, min(step, num_copies - k), seed)
@@ -158,7 +169,7 @@ class _IID(Sampler):
             return noise.sample((n, *shape), generator=g, device=device,
                                 out=None if out is None else out[k:k + n])
 
-        pool = _pool() if torch.device(device).type == "cpu" and len(todo) > 1 else None
+        pool = _pool() if len(todo) > 1 else None
         if pool is None:
             for k, n, seed in todo:
                 yield k, draw(k, n, seed)
