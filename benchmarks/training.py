@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="run seeds --seed .. --seed+N-1; rows report the mean (floors are "
+                        "judged on it) and the per-seed accuracies")
     p.add_argument("--out", default="docs/results")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
@@ -67,28 +71,37 @@ def main(argv=None):
         data, model, margs, ulr_over, epochs, batch, floor = SUITES[suite]
         results = {}
         for method in ("ulr", "bp"):
-            cfg = RunConfig(data=data, model=model, model_args=margs, method=method,
-                            epochs=1 if args.smoke else epochs, batch_size=batch,
-                            seed=args.seed, device=args.device, threads=args.threads,
-                            max_steps=3 if args.smoke else None,
-                            **(ulr_over if method == "ulr" else {}))
-            started = time.time()
-            summary = fit(cfg, out_dir=None)
+            runs = []
+            for seed in range(args.seed, args.seed + (1 if args.smoke else args.seeds)):
+                cfg = RunConfig(data=data, model=model, model_args=margs, method=method,
+                                epochs=1 if args.smoke else epochs, batch_size=batch,
+                                seed=seed, device=args.device, threads=args.threads,
+                                max_steps=3 if args.smoke else None,
+                                **(ulr_over if method == "ulr" else {}))
+                started = time.time()
+                summary = fit(cfg, out_dir=None)
+                runs.append((cfg, summary, time.time() - started))
+                print(f"{suite:14s} {method:4s} seed {seed} test "
+                      f"{summary['final']['test_acc']:.4f}  {runs[-1][2]:7.1f} s", flush=True)
+            cfg, summary, _ = runs[0]
+            accs = [r[1]["final"]["test_acc"] for r in runs]
+            at_best = [r[1]["best"]["test_acc"] for r in runs if r[1]["best"]]
             res = {
                 "suite": suite, "method": method, "data": data, "model": model,
                 "epochs": summary["epochs_completed"],
-                "test_acc": summary["final"]["test_acc"],
+                "seeds": [r[0].seed for r in runs],
+                "test_acc": statistics.mean(accs),
+                "test_acc_seeds": accs,
                 "best_val_acc": summary["best"]["val_acc"] if summary["best"] else None,
-                "test_acc_at_best": summary["best"]["test_acc"] if summary["best"] else None,
-                "wall_s": round(time.time() - started, 1),
+                "test_acc_at_best": statistics.mean(at_best) if at_best else None,
+                "wall_s": round(statistics.mean(r[2] for r in runs), 1),
                 "forward_rows": summary["forward_rows"],
-                "peak_mb": round(summary.get("peak_cuda_mb") or summary.get("peak_rss_mb") or 0),
+                "peak_mb": round(max(r[1].get("peak_cuda_mb") or r[1].get("peak_rss_mb") or 0
+                                     for r in runs)),
                 "command": command(cfg),
             }
             results[method] = res
             rows.append(res)
-            print(f"{suite:14s} {method:4s} test {res['test_acc']:.4f}  "
-                  f"{res['wall_s']:7.1f} s", flush=True)
         kind, bar = floor
         ulr_acc, bp_acc = results["ulr"]["test_acc"], results["bp"]["test_acc"]
         ok = ulr_acc >= bar if kind == "abs" else bp_acc - ulr_acc <= bar
@@ -111,7 +124,8 @@ def write(rows, args):
         if args.device.startswith("cuda"):
             device = torch.cuda.get_device_name()
         meta = {"device": device, "torch": torch.__version__, "threads": args.threads,
-                "seed": args.seed, "command": "python benchmarks/training.py " + " ".join(
+                "seed": args.seed, "seeds": args.seeds,
+                "command": "python benchmarks/training.py " + " ".join(
                     a for a in sys.argv[1:] if a != args.out and a != "--out")}
     except ImportError:  # pragma: no cover
         meta = {}
@@ -121,8 +135,9 @@ def write(rows, args):
     rows = [r for r in old if r["suite"] not in suites] + rows
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# ULR vs backprop: training results ({device})", "",
-             f"Same model, data, seed ({args.seed}), epochs and batch for both methods; test "
-             f"accuracy after the last epoch, and at the epoch of best validation accuracy. "
+             "Same model, data, seeds, epochs and batch for both methods; test accuracy after "
+             "the last epoch (mean over the seeds where a row lists several: floors are judged "
+             "on it), and at the epoch of best validation accuracy. "
              f"torch {meta.get('torch')}, {args.threads} CPU threads. Generated by "
              f"`{meta.get('command')}`; each row's own command is below the table.", "",
              "| suite | method | epochs | test acc | test acc @ best val | wall s | forward rows "
@@ -132,7 +147,11 @@ def write(rows, args):
         if "floor" in r:
             floor = f"{r['floor']}: {'met' if r['floor_met'] else 'NOT met'}"
         at_best = r["test_acc_at_best"]
-        lines.append(f"| {r['suite']} | {r['method']} | {r['epochs']} | {r['test_acc']:.2%} | "
+        acc = f"{r['test_acc']:.2%}"
+        if len(r.get("test_acc_seeds", [])) > 1:  # mean (min–max over the seeds)
+            accs = r["test_acc_seeds"]
+            acc += f" ({min(accs):.2%}–{max(accs):.2%}, {len(accs)} seeds)"
+        lines.append(f"| {r['suite']} | {r['method']} | {r['epochs']} | {acc} | "
                      f"{'' if at_best is None else f'{at_best:.2%}'} | {r['wall_s']} | "
                      f"{r['forward_rows']:.3g} | {r['peak_mb']} | {floor} |")
     lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows]
