@@ -68,7 +68,7 @@ _BLOCK_GROUPS = [["embed", "embed.proj"], ["blocks.*.norm1", "blocks.*.attn.*"],
 
 TASKS: dict[str, Task] = {
     "rnn": Task("RNN (Elman), cells", "sequential-digits", "rnn",
-                {"hidden_size": 64}, {"hidden_size": 64}, "BPTT", epochs=40, copies=16,
+                {"hidden_size": 64}, {"hidden_size": 64}, "BPTT", epochs=40, copies=64,
                 schedule="cosine"),
     "gru": Task("GRU, cells", "sequential-digits", "gru",
                 {"hidden_size": 64}, {"hidden_size": 64}, "BPTT", epochs=40, copies=64,
@@ -83,7 +83,7 @@ TASKS: dict[str, Task] = {
     "gcn-sbm": Task("GCN", "sbm", "gcn", epochs=100, lr=0.01, sigma=0.1, copies=32),
     "snn": Task("SNN (LIF, Heaviside spike)", "digits", "snn", {"hidden": (128,)},
                 {"hidden": (128,), "surrogate": "fast-sigmoid"}, "surrogate-gradient BPTT",
-                epochs=15, sigma=0.1, copies=16),
+                epochs=15, sigma=0.1, copies=64),
     "transformer": Task("Transformer encoder", "sequential-digits", "transformer",
                         {"d_model": 32}, {"d_model": 32}, epochs=45, copies=32,
                         groups=_BLOCK_GROUPS),
@@ -262,9 +262,9 @@ def to_markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         f"Command: `{env['command']}`. Threads per row below (a row from an earlier run keeps "
         f"that run's conditions).",
         "",
-        "| task | architecture | data | method | metric | result | chance | epochs | "
+        "| task | architecture | data | method | seed | metric | result | chance | epochs | "
         "lr (schedule) | ULR K, σ | threads | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         pct = r["metric"] == "test accuracy"
@@ -275,10 +275,39 @@ def to_markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         lr = f"{u['lr']:g} ({sched})" if "lr" in u else sched
         ks = f"{u['num_copies']}, {u['sigma']:g}" if "num_copies" in u else "–"
         threads = r.get("env", env)["threads"]
-        lines.append(f"| {r['task']} | {r['arch']} | {r['data']} | {r['method']} | {r['metric']} "
-                     f"| {val} | {chance} | {r['epochs']} | {lr} | {ks} | {threads} "
-                     f"| {r['wall_s']:.0f} |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {r['task']} | {r['arch']} | {r['data']} | {r['method']} | {r['seed']} "
+                     f"| {r['metric']} | {val} | {chance} | {r['epochs']} | {lr} | {ks} "
+                     f"| {threads} | {r['wall_s']:.0f} |")
+    return "\n".join(lines + _summary(rows)) + "\n"
+
+
+def _summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Per task: ULR and its reference, mean (range) over the seeds, and the gap of the means
+    (the issue's floor: ULR within 5 points of its reference)."""
+    out = ["", "Per task, mean over seeds (min–max):", "",
+           "| task | seeds | ULR | reference | gap (points) |", "|---|---|---|---|---|"]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        ulr_rows = [r for r in mine if r["method"] == "ULR"]
+        ref_rows = [r for r in mine if r["method"] != "ULR"]
+        if not ulr_rows or not ref_rows:
+            continue
+        pct = ulr_rows[0]["metric"] == "test accuracy"
+
+        def fmt(vals: list[float], pct: bool = pct) -> str:
+            m = sum(vals) / len(vals)
+            if pct:
+                return f"{100 * m:.1f}% ({100 * min(vals):.1f}–{100 * max(vals):.1f})"
+            return f"{m:.4f} ({min(vals):.4f}–{max(vals):.4f})"
+
+        u = [r["value"] for r in ulr_rows]
+        b = [r["value"] for r in ref_rows]
+        gap = (f"{100 * (sum(b) / len(b) - sum(u) / len(u)):.1f}" if pct
+               else f"MSE, chance {ulr_rows[0]['chance']:.3f}")
+        seeds = sorted({r["seed"] for r in ulr_rows})
+        out.append(f"| {task} | {', '.join(map(str, seeds))} | {fmt(u)} | "
+                   f"{fmt(b)} ({ref_rows[0]['method']}) | {gap} |")
+    return out
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
