@@ -293,3 +293,38 @@ def test_iid_blocks_do_not_depend_on_the_thread_count(monkeypatch):
         torch.set_num_threads(threads)
     assert all(torch.equal(d, draws[0]) for d in draws[1:])
     assert draws[0].std() == pytest.approx(1.0, rel=0.1)
+
+
+def test_a_sampler_with_only_sample_works_in_every_mode(monkeypatch, cnn):
+    # A user's sampler that implements sample() alone: blocks() slices it, so replay and
+    # chunks still see store's noise; one that implements neither says what to write.
+    class OnlySample(ulr.samplers.Sampler):
+        def sample(self, noise, num_copies, shape, *, generator, device):
+            return noise.sample((num_copies, *shape), generator=generator, device=device)
+
+    monkeypatch.setattr(ulr.samplers, "_BLOCK_VALUES", 1)
+    cnn.double()
+    x, y = torch.randn(3, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+
+    def make(mode, size):
+        return lambda: ulr.LikelihoodRatio(cnn, num_copies=4, sampler=OnlySample(), memory=mode,
+                                           chunk_size=size,
+                                           generator=torch.Generator().manual_seed(0))
+
+    want, _, _ = _grads(cnn, make("store", None), x, y)
+    for mode, size in (("chunked", 3), ("replay", None)):
+        got, _, _ = _grads(cnn, make(mode, size), x, y)
+        _assert_same(got, want)
+    with pytest.raises(NotImplementedError, match="must implement sample or blocks"):
+        ulr.samplers.Sampler().sample(ulr.Gaussian(0.1), 2, torch.Size((3,)), generator=None,
+                             device=torch.device("cpu"))
+
+
+def test_noise_sample_into_out():
+    gen = torch.Generator().manual_seed(0)
+    want = ulr.Laplace(0.2).sample((4, 5), generator=gen)
+    out = torch.empty(4, 5)
+    got = ulr.Laplace(0.2).sample((4, 5), generator=torch.Generator().manual_seed(0), out=out)
+    assert got is out and torch.equal(out, want)
+    with pytest.raises(ValueError, match=r"contiguous tensor of shape \(4, 5\)"):
+        ulr.Gaussian(0.1).sample((4, 5), out=torch.empty(5, 4))

@@ -217,6 +217,7 @@ class _PassRun:
         # The closed-form terms of a block are fresh tensors: summed in place, so the site
         # holds one gradient-sized buffer per parameter, not two.
         acc: dict[Tensor, Tensor] = {}
+        grads, wanted, params = self.sink if x is not None else (None, None, None)
         for r, z in self._blocks(site, rest, base.device):
             n = z.shape[0]
             zz = z if z.dtype == base.dtype else z.to(base.dtype)
@@ -227,14 +228,13 @@ class _PassRun:
                 out[r:r + n].add_(zz)
             if x is not None:
                 inputs = x.detach()[:b] if tiled else x.detach()[r:r + n]
-                _, wanted, params = self.sink
                 self.est._record_parts(
                     [(0, _Record(site, "closed", z, inputs=inputs, tiled=tiled))],
                     _Rows(self.rows_total, n // b, b), self.weights[r:r + n], wanted, params,
                     lambda i, p, g: acc.__setitem__(p, acc[p].add_(g) if p in acc else g))
         if x is not None:
             for p, g in acc.items():
-                _add(self.sink[0], p, g)
+                _add(grads, p, g)
             self.est._sites_done([site])
         return out
 
@@ -383,7 +383,7 @@ class LikelihoodRatio:
               ``K·B`` rows, for twice the forward compute.
 
             Noise is drawn in blocks of whole copies (at most 8 MB each; see
-            :meth:`ulr.Sampler.blocks`) in every mode; at
+            :meth:`ulr.samplers.Sampler.blocks`) in every mode; at
             Linear/Conv sites, replay and the loss-only forwards of chunked add one block to the
             output (and replay turns it into gradient terms) before drawing the next, so they
             never hold a site's ``K·B``-row noise.
@@ -600,7 +600,7 @@ class LikelihoodRatio:
               device: torch.device, out: Tensor | None = None,
               copies: tuple[int, int] | None = None) -> Iterator[tuple[int, Tensor]]:
         """The sampler's copy blocks ``(first copy, [n, B, *row_shape])`` of one site, on the
-        generator's device (see :meth:`ulr.Sampler.blocks`)."""
+        generator's device (see :meth:`ulr.samplers.Sampler.blocks`)."""
         site.noise.check_shape(row_shape, site.name)
         gen = self._generator_on(device)
         return self.sampler.blocks(site.noise, num_copies, torch.Size((batch, *row_shape)),
