@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+import ulr
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ["speed.py", "variance.py", "memory.py", "training.py", "peers_quality.py",
               "peers_training.py"]
@@ -39,6 +41,15 @@ def test_architectures_set_overrides_task_fields(tmp_path):
     rows = module.main(["--smoke", "--out", str(tmp_path), "--only", "binary-mlp",
                         "--methods", "ulr", "--set", "sigma=0.7", "--set", "lr=0.01"])
     assert rows[0]["ulr"]["sigma"] == 0.7 and rows[0]["ulr"]["lr"] == 0.01
+    # a per-site σ: {site pattern: σ}, a Gaussian for each, shown per pattern in the table
+    rows = module.main(["--smoke", "--out", str(tmp_path), "--only", "binary-mlp",
+                        "--methods", "ulr", "--set", 'sigma={"hidden.*": 0.4, "out": 1.5}'])
+    assert rows[0]["ulr"]["sigma"] == {"hidden.*": 0.4, "out": 1.5}
+    assert "hidden.* 0.4 / out 1.5" in (tmp_path / "architectures-smoke.md").read_text()
+    task = module.TASKS["binary-mlp-01"]
+    model = ulr.models.build("binary-mlp", in_shape=(64,), num_classes=10)
+    est = module._estimator(model, task, seed=0)
+    assert {k: n.sigma for k, n in est.noise.items()} == task.sigma
     with pytest.raises(SystemExit, match="FIELD one of"):
         module.main(["--smoke", "--out", str(tmp_path), "--set", "sgima=0.7"])
     with pytest.raises(SystemExit, match="not JSON"):
