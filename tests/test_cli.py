@@ -236,3 +236,24 @@ def test_bad_method_arguments_are_explained(tmp_path, capsys, argv, words):
     assert main(["train", *argv, *FAST, "--out", str(tmp_path / "x")]) == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_site_sigma_flags_come_before_the_file_and_zero_one_loss(tmp_path, capsys):
+    """--site-sigma PATTERN=SIGMA flags are layered over a [site_sigma] table with the flags'
+    patterns first (the first match wins); --loss zero-one with backprop is refused."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('model = "binary-mlp"\nmethod = "ulr"\nloss = "zero-one"\n'
+                   '[site_sigma]\nout = 1.0\n"hidden.0" = 0.7\n')
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--site-sigma", "out=2.0", "--site-sigma",
+                 "hidden.*=0.5", "--max-steps", "2", *FAST, "--out", str(out)]) == 0
+    stored = config_of(out)
+    assert stored["loss"] == "zero-one"
+    assert list(stored["site_sigma"].items()) == [("out", 2.0), ("hidden.*", 0.5),
+                                                  ("hidden.0", 0.7)]
+    assert main(["train", "--method", "ulr", "bp", "--loss", "zero-one",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "backprop cannot train on it" in capsys.readouterr().err
+    assert main(["train", "--site-sigma", "out", "--out", str(tmp_path / "y")]) == 2
+    assert "--site-sigma needs PATTERN=SIGMA" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

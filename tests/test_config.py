@@ -164,3 +164,44 @@ def test_method_args_round_trip(tmp_path):
     path = write(tmp_path, to_toml(config))
     [again] = configs_from_values(load_toml(path))
     assert again == config
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"method": "bp", "loss": "zero-one"},
+     ["loss 'zero-one' with method 'bp'", "backprop cannot", "(ulr, es, spsa)"]),
+    ({"method": "bp-noise", "loss": "zero-one"}, ["method 'bp-noise'", "backprop cannot"]),
+    ({"method": "forward-gradient", "loss": "zero-one"}, ["method 'forward-gradient'"]),
+    ({"method": ["ulr", "bp"], "loss": "zero-one"}, ["method 'bp'", "loss 'auto'"]),
+    ({"blocks": 0, "loss": "zero-one"}, ["blocks=0 (pure backprop)"]),
+    ({"loss": "zero-one", "diag_every": 5}, ["diag_every", "zero for loss 'zero-one'"]),
+    ({"loss": "hinge"}, ["loss", "'hinge'", "auto, zero-one"]),
+    ({"site_sigma": {"out": -1}}, ["site_sigma['out'] must be a number > 0", "-1"]),
+    ({"site_sigma": {"out": "wide"}}, ["site_sigma['out']", "'wide'"]),
+    ({"site_sigma": {"out": True}}, ["site_sigma['out']"]),
+    ({"site_sigma": {"out": float("inf")}}, ["site_sigma['out']"]),
+    ({"site_sigma": {" ": 1.0}}, ["module name patterns"]),
+    ({"site_sigma": 2.0}, ["site_sigma must be a dict"]),
+])
+def test_bad_loss_and_site_sigma_are_named(values, words):
+    with pytest.raises(ConfigError) as err:
+        configs_from_values(values)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_zero_one_loss_with_the_gradient_free_methods():
+    for method in ("ulr", "es", "spsa"):
+        assert RunConfig(method=method, loss="zero-one").loss == "zero-one"
+    # hybrid blocks: backprop inside a block, never through the loss
+    assert RunConfig(loss="zero-one", blocks=2).blocks == 2
+    assert RunConfig(loss="Zero_One").loss == "zero-one"
+    assert RunConfig(site_sigma={"out": 2}).site_sigma == {"out": 2.0}
+
+
+def test_site_sigma_table_round_trip(tmp_path):
+    config = RunConfig(model="binary-mlp", loss="zero-one",
+                       site_sigma={"hidden.*": 0.5, "out": 2.0})
+    text = to_toml(config)
+    assert '"hidden.*" = 0.5' in text and "out = 2.0" in text  # a dot in a key would nest
+    [again] = configs_from_values(load_toml(write(tmp_path, text)))
+    assert again == config and list(again.site_sigma) == ["hidden.*", "out"]

@@ -22,6 +22,7 @@ from typing import Any
 from . import __version__
 from .config import (
     METHODS,
+    TABLES,
     ConfigError,
     RunConfig,
     check_values,
@@ -63,6 +64,13 @@ def _default_text(name: str, meta: dict[str, Any]) -> str:
     return str(default)
 
 
+#: The flag of each table field (one KEY=VALUE per flag) and an example of its value.
+_TABLE_FLAGS = {"model_args": ("--model-arg", "'hidden=[256,128]'"),
+                "method_args": ("--method-arg", "es.population=64"),
+                "site_sigma": ("--site-sigma", "out=2.0")}
+assert set(_TABLE_FLAGS) == set(TABLES)
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """One flag per RunConfig field, all defaulting to 'not given' so that config files and
     flags can be layered (defaults < file < flags)."""
@@ -78,9 +86,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         if name == "method":
             kw.update(nargs="+", type=_norm, choices=METHODS,
                       metavar="{" + ",".join(METHODS) + "}")
-        elif name in ("model_args", "method_args"):
-            flag = flag[:-1]  # --model-arg, --method-arg: one KEY=VALUE per flag
-            kw.update(action="append", metavar="KEY=VALUE")
+        elif name in TABLES:
+            flag = _TABLE_FLAGS[name][0]  # one KEY=VALUE per flag
+            kw.update(action="append", metavar=meta["metavar"])
         elif name == "sites":
             kw.update(nargs="+", metavar="NAME")
         elif meta["type"] is bool:
@@ -232,20 +240,19 @@ class _Planned:
 
 def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """The run options given on the command line, checked like config-file values."""
-    tables = {"model_args": "'hidden=[256,128]'", "method_args": "es.population=64"}
-    given = {k: v for k, v in vars(args).items() if k in keys() and k not in tables}
+    given = {k: v for k, v in vars(args).items() if k in keys() and k not in TABLES}
     values = check_values(given, "command line")
-    for name, example in tables.items():
+    for name, (flag, example) in _TABLE_FLAGS.items():
         items = getattr(args, name, None)
         if not items:
             continue
-        flag = "--" + name[:-1].replace("_", "-")
         table: dict[str, Any] = {}
         for item in items:
             key, sep, text = item.partition("=")
             key = key.strip()
             if not sep or not key:
-                raise ConfigError(f"command line: {flag} needs KEY=VALUE, got {item!r}, "
+                raise ConfigError(f"command line: {flag} needs "
+                                  f"{field_help(name)['metavar']}, got {item!r}, "
                                   f"e.g. {flag} {example}")
             method, dot, arg = key.rpartition(".")
             if dot and name == "method_args":
@@ -258,9 +265,11 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def _layer(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     merged = {**base, **top}
-    for name in ("model_args", "method_args"):
+    for name in TABLES:
         if name in base and name in top:
-            merged[name] = {**base[name], **top[name]}
+            # top's keys first: site_sigma takes the first matching pattern
+            merged[name] = {**top[name], **{k: v for k, v in base[name].items()
+                                            if k not in top[name]}}
             for key, value in top[name].items():
                 if isinstance(value, dict) and isinstance(base[name].get(key), dict):
                     merged[name][key] = {**base[name][key], **value}

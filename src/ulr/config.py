@@ -6,8 +6,9 @@ optimiser, schedule, budget, seed and device. Every field is also a key of a con
 source of the help texts, the choices and the checks of both.
 
 A config file is flat TOML; ``method`` may list several methods, each becoming one run, the
-``[model_args]`` table passes extra keyword arguments to the model constructor and
-``[method_args]`` (or ``[method_args.es]`` per method) those of a peer estimator::
+``[model_args]`` table passes extra keyword arguments to the model constructor,
+``[method_args]`` (or ``[method_args.es]`` per method) those of a peer estimator and
+``[site_sigma]`` the noise scale of the sites whose names match a pattern::
 
     model = "mlp"
     data = "digits"
@@ -22,6 +23,10 @@ A config file is flat TOML; ``method`` may list several methods, each becoming o
     [method_args.es]
     population = 64
 
+    [site_sigma]
+    out = 0.05
+    "hidden.*" = 0.2
+
 Example:
     >>> from ulr.config import RunConfig, configs_from_values
     >>> [c.method for c in configs_from_values({"method": ["ulr", "bp"], "epochs": 2})]
@@ -34,6 +39,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -53,6 +59,9 @@ __all__ = [
     "METHODS",
     "PEERS",
     "DEFAULT_LR",
+    "GRADIENT_FREE",
+    "LOSSES",
+    "TABLES",
     "check_values",
     "configs_from_values",
     "field_help",
@@ -65,6 +74,12 @@ __all__ = [
 #: The peer estimators of :mod:`ulr.peers` that ``method`` accepts besides ``ulr`` and ``bp``.
 PEERS = ("es", "spsa", "forward-gradient")
 METHODS = ("ulr", "bp", "bp-noise", *PEERS)
+#: The values of ``loss``: the task's own loss, or the classification error (0-1 loss).
+LOSSES = ("auto", "zero-one")
+#: The methods that need no gradient of the loss, and so train on the 0-1 loss.
+GRADIENT_FREE = ("ulr", "es", "spsa")
+#: The fields that are tables (``[model_args]`` in a file, one ``KEY=VALUE`` per flag).
+TABLES = ("model_args", "method_args", "site_sigma")
 #: Learning rate of each method when ``lr`` is not set: the verified digits/MLP setting for ulr
 #: and bp (and bp-noise), the peers' tuned rates on the MLP from docs/results/peers-report.md.
 DEFAULT_LR = {"ulr": 3e-3, "bp": 1e-3, "bp-noise": 1e-3, "es": 3e-3, "spsa": 1e-3,
@@ -163,6 +178,16 @@ class RunConfig:
         "forward-gradient num_tangents. With several methods, prefix the method: "
         "es.population=64. In a config file: a [method_args] table (or [method_args.es]). "
         "ulr is set by its own options (--num-copies, --sigma, ...).", metavar="KEY=VALUE"))
+    loss: str = field(default="auto", metadata=_meta(
+        "method and estimator",
+        "Training loss. auto: the task's (cross-entropy for classification, squared error for "
+        "regression). zero-one: the classification error itself (1 where the argmax is "
+        "wrong), whose gradient is zero wherever it exists: ulr, es and spsa train on it, "
+        "backprop cannot. Only noise that flips the argmax carries signal, so give the "
+        "output layer a wide noise scale of its own (e.g. --site-sigma out=2.0). The logged "
+        "training loss is then the error of the noisy copies; validation and test report "
+        "cross-entropy and accuracy as for every run.",
+        choices=LOSSES))
     num_copies: int = field(default=32, metadata=_meta(
         "method and estimator",
         "Noise copies K per example and pass. Variance falls like 1/K and cost rises like K; "
@@ -177,6 +202,12 @@ class RunConfig:
         "Noise scale: the standard deviation for gaussian, the scale b / s for laplace / "
         "logistic. Smaller is less biased but noisier; the useful range is about 0.01-0.1.",
         check=_positive, rule="> 0"))
+    site_sigma: dict[str, float] = field(default_factory=dict, metadata=_meta(
+        "method and estimator",
+        "Noise scale of the sites whose name matches PATTERN (fnmatch, e.g. out or 'hidden.*'), "
+        "as PATTERN=SIGMA; repeat the flag for several (the first matching pattern wins, the "
+        "other sites take --sigma or --recommended's). In a config file: a [site_sigma] "
+        "table. Used by ulr and bp-noise.", metavar="PATTERN=SIGMA"))
     sampler: str = field(default="antithetic", metadata=_meta(
         "method and estimator",
         "How the K copies are drawn: antithetic pairs (z, -z) cancel the zeroth-order term "
@@ -308,6 +339,19 @@ class RunConfig:
         for f in fields(self):
             object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name), "RunConfig"))
         object.__setattr__(self, "method_args", _own_method_args(self.method, self.method_args))
+        if self.loss == "zero-one":
+            pure_bp = self.method == "ulr" and self.blocks == 0
+            if self.method not in GRADIENT_FREE or pure_bp:
+                what = "blocks=0 (pure backprop)" if pure_bp else f"method {self.method!r}"
+                raise ConfigError(
+                    f"loss 'zero-one' with {what}: the 0-1 loss has zero gradient wherever it "
+                    f"has one, so backprop cannot train on it; use a gradient-free method "
+                    f"({', '.join(GRADIENT_FREE)}), or loss 'auto' (the task's differentiable "
+                    f"loss) for a backprop reference")
+            if self.diag_every:
+                raise ConfigError(
+                    "diag_every compares the ULR gradient with backprop's gradient of the "
+                    "loss, which is zero for loss 'zero-one'; set diag_every=0 (or loss 'auto')")
         if self.method == "ulr" and self.memory == "chunked" and self.chunk_size is None:
             raise ConfigError("memory='chunked' needs chunk_size (copies per chunk)")
         if self.method == "ulr" and self.workers and self.memory == "replay":
@@ -356,8 +400,9 @@ class RunConfig:
 _FIELDS = {f.name: f for f in fields(RunConfig)}
 _TYPES = {
     "model": str, "model_args": dict, "data": str, "data_dir": str, "val_fraction": float,
-    "method": str, "method_args": dict, "num_copies": int, "noise": str, "sigma": float,
-    "sampler": str, "baseline": str, "baseline_decay": float, "plan": str, "sites": list,
+    "method": str, "method_args": dict, "loss": str, "num_copies": int, "noise": str,
+    "sigma": float, "site_sigma": dict, "sampler": str, "baseline": str,
+    "baseline_decay": float, "plan": str, "sites": list,
     "blocks": int, "recommended": bool, "memory": str, "chunk_size": int, "workers": int,
     "optimizer": str, "lr": float, "momentum": float, "weight_decay": float, "schedule": str,
     "step_size": int, "gamma": float, "grad_clip": float, "batch_size": int, "epochs": int,
@@ -447,7 +492,23 @@ def _check(name: str, value: Any, source: str) -> Any:
         value = {k: _plain(v) for k, v in value.items()}
     if name == "method_args":
         value = _check_method_args(value, where)
+    if name == "site_sigma":
+        value = _check_site_sigma(value, where)
     return value
+
+
+def _check_site_sigma(value: dict[str, Any], where: str) -> dict[str, float]:
+    """``{pattern: sigma}``: non-empty patterns, finite positive numbers (ints become floats)."""
+    out: dict[str, float] = {}
+    for pattern, sigma in value.items():
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise ConfigError(f"{where}: keys must be module name patterns, got {pattern!r}")
+        if (isinstance(sigma, bool) or not isinstance(sigma, (int, float))
+                or not math.isfinite(sigma) or sigma <= 0):
+            raise ConfigError(f"{where}[{pattern!r}] must be a number > 0 (the noise scale of "
+                              f"the matching sites), got {sigma!r}")
+        out[pattern.strip()] = float(sigma)
+    return out
 
 
 def _peer_arguments(method: str) -> list[str]:
@@ -600,10 +661,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for key, value in values.items():
-        if isinstance(value, dict) and _key(key) not in ("model_args", "method_args"):
+        if isinstance(value, dict) and _key(key) not in TABLES:
             raise ConfigError(
                 f"{path}: unexpected table [{key}]; config files are flat apart from "
-                f"[model_args] and [method_args]; valid keys: {', '.join(_FIELDS)}"
+                f"{', '.join(f'[{t}]' for t in TABLES)}; valid keys: {', '.join(_FIELDS)}"
             )
     return check_values(values, str(path))
 
@@ -634,6 +695,11 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
+def _toml_key(key: str) -> str:
+    """A bare TOML key where it may be one, else quoted (``"hidden.*"``: a dot would nest)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
 def to_toml(config: RunConfig, header: str = "") -> str:
     """The config as a TOML file that :func:`load_toml` reads back to the same config.
 
@@ -641,11 +707,11 @@ def to_toml(config: RunConfig, header: str = "") -> str:
     """
     lines = [f"# {line}" for line in header.splitlines()]
     values = config.to_dict()
-    tables = {name: values.pop(name) for name in ("model_args", "method_args")}
+    tables = {name: values.pop(name) for name in TABLES}
     for key, value in values.items():
         lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
     for name, table in tables.items():
         lines.append("")
         lines.append(f"[{name}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())
     return "\n".join(lines) + "\n"

@@ -201,18 +201,20 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device,
             raise ValueError(f"method {config.method!r}, method_args "
                              f"{config.method_args}: {e}") from None
     cls = _NOISES[config.noise]
-    noise: Any = cls(config.sigma)
+    _check_site_patterns(config, model)
+    # The noise mapping takes the first matching pattern: --site-sigma, then the recommended
+    # per-layer scales, then --sigma.
+    noise: Any = {p: cls(s) for p, s in config.site_sigma.items()}
     copies = None
     if config.recommended:
         rec = models.recommended_config(model)
-        # Named layers first: the noise mapping takes the first matching pattern.
         # A weight-noise site yields only its own layer's gradient, so block ends of hybrid
         # runs (--blocks) take output noise there.
         weights = {} if config.blocks is not None else rec.get("weight_sigma", {})
-        noise = {**{n: cls(s) for n, s in rec["sigma"].items()},
-                 **{n: weight_noise(cls(s)) for n, s in weights.items()},
-                 "*": cls(config.sigma)}
+        noise.update({n: cls(s) for n, s in rec["sigma"].items() if n not in noise})
+        noise.update({n: weight_noise(cls(s)) for n, s in weights.items() if n not in noise})
         copies = rec["num_copies"]
+    noise = {**noise, "*": cls(config.sigma)} if noise else cls(config.sigma)
     baseline = {
         "none": baselines.none,
         "leave-one-out": baselines.leave_one_out,
@@ -250,13 +252,31 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device,
     )
 
 
+def _check_site_patterns(config: RunConfig, model: nn.Module) -> None:
+    """Every ``site_sigma`` pattern must name some module (a typo would silently keep
+    ``sigma``)."""
+    names = [n for n, _ in model.named_modules() if n]
+    unknown = [p for p in config.site_sigma if not fnmatch.filter(names, p)]
+    if unknown:
+        raise ValueError(f"site_sigma patterns {unknown} match no module of {config.model}; "
+                         f"its modules are {names}")
+
+
+def _site_sigma(config: RunConfig, name: str, fallback: float) -> float:
+    """The noise scale of site ``name``: its first matching ``site_sigma`` pattern, else
+    ``fallback``."""
+    return next((s for p, s in config.site_sigma.items() if fnmatch.fnmatchcase(name, p)),
+                fallback)
+
+
 class _NoiseInjection:
     """``method="bp-noise"``: the ULR training noise added to the site outputs of every
     training-mode forward pass, which backprop then differentiates.
 
     The sites and noise are the estimator's (``config.sites`` or every module that owns a
-    parameter; ``config.noise`` with ``config.sigma``, or the model's recommended per-layer sigma
-    with ``config.recommended``); all sites get noise at once, one draw per example and step
+    parameter; ``config.noise`` with ``config.site_sigma``, then the model's recommended
+    per-layer sigma with ``config.recommended``, then ``config.sigma``); all sites get noise at
+    once, one draw per example and step
     (the all-sites smoothed loss that ULR estimates the gradient of, at the cost of one forward).
     Evaluation (``model.eval()``) is noise-free. The draws come from the run's noise stream and
     are checkpointed with it.
@@ -283,7 +303,9 @@ class _NoiseInjection:
         else:
             names = [n for n, m in modules.items()
                      if any(p.requires_grad for p in m.parameters(recurse=False))]
-        self.noises = {n: cls(per_layer.get(n, config.sigma)) for n in names}
+        _check_site_patterns(config, model)
+        self.noises = {n: cls(_site_sigma(config, n, per_layer.get(n, config.sigma)))
+                       for n in names}
         self.generator = torch.Generator(device=device).manual_seed(
             _stream_seed(config.seed, "noise"))
         self.handles = [modules[n].register_forward_hook(self._hook(self.noises[n]))
@@ -329,6 +351,20 @@ def _row_loss(task: str) -> Callable[[Tensor, Any], Tensor]:
     if task == "node-classification":
         return _masked_node_loss
     return lambda out, y: (out.reshape(out.shape[0], -1)[:, 0] - y).square()
+
+
+def _training_loss(config: RunConfig, task: str) -> Callable[[Tensor, Any], Tensor]:
+    """The per-row loss that ``config.loss`` trains on for a dataset of kind ``task``."""
+    if config.loss == "zero-one":
+        if task != "classification":
+            raise ValueError(
+                f"loss 'zero-one' is the error of a classifier, but dataset {config.data!r} is "
+                f"a {task} task; use loss 'auto' (its own loss) or a classification dataset "
+                f"such as digits")
+        from .models.binary import zero_one_loss
+
+        return zero_one_loss
+    return _row_loss(task)
 
 
 def _masked_node_loss(out: Tensor, targets: tuple[Tensor, Tensor]) -> Tensor:
@@ -799,7 +835,7 @@ class _Trainer:
         if self.graph and distributed.is_distributed():
             raise ValueError(f"dataset {config.data!r} is one graph: ulr train runs it in one "
                              f"process (drop --nproc / torchrun)")
-        loss = _row_loss(self.task)
+        loss = _training_loss(config, self.task)
         bp_only = config.method == "ulr" and config.blocks == 0  # --blocks 0: no noise site
         if self.graph:
             hops = getattr(model, "loss_hops", None)
