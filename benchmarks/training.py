@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ulr.config import RunConfig
-from ulr.train import fit
+from ulr.train import Callback, fit
 
 # Each suite: (dataset, model, model args, ULR overrides, epochs, batch size, floor).
 # Floors are issue #3's: digits MLP ULR >= 96%; MNIST subset within 3 points of BP;
@@ -33,10 +33,26 @@ SUITES = {
                     ("abs", 0.85)),
     "fashion-lenet": ("fashion-mnist", "lenet5", {}, {"sampler": "iid", "sigma": 0.05}, 15, 64,
                       ("abs", 0.87)),
+    # the same with the lr annealed to 0 over the epochs (cosine), for ULR only
+    "fashion-lenet-cosine": ("fashion-mnist", "lenet5", {},
+                             {"sampler": "iid", "sigma": 0.05, "schedule": "cosine"}, 15, 64,
+                             ("abs", 0.87)),
     # the model's recommended per-layer sigma and copy counts (64-128 copies per layer)
     "fashion-lenet-rec": ("fashion-mnist", "lenet5", {}, {"sampler": "iid", "recommended": True},
                           15, 64, ("abs", 0.87)),
 }
+
+
+class _EpochLine(Callback):
+    """One line per epoch (these runs take up to hours on a CPU)."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def on_epoch_end(self, row):
+        accs = ", ".join(f"{k} {row[k]:.4f}" for k in ("val_acc", "test_acc")
+                         if row.get(k) is not None)
+        print(f"  {self.tag} epoch {row['epoch']}: {accs}", flush=True)
 
 
 def command(cfg: RunConfig) -> str:
@@ -44,8 +60,8 @@ def command(cfg: RunConfig) -> str:
     for k, v in cfg.model_args.items():
         parts += ["--model-arg", f"{k}={json.dumps(v)}"]
     defaults = RunConfig()
-    for name in ("num_copies", "sigma", "sampler", "baseline", "plan", "lr", "batch_size",
-                 "epochs", "seed", "device"):
+    for name in ("num_copies", "sigma", "sampler", "baseline", "plan", "lr", "schedule",
+                 "batch_size", "epochs", "seed", "device"):
         v = getattr(cfg, name)
         if v != getattr(defaults, name) and v is not None:
             parts += ["--" + name.replace("_", "-"), str(v)]
@@ -79,7 +95,8 @@ def main(argv=None):
                                 max_steps=3 if args.smoke else None,
                                 **(ulr_over if method == "ulr" else {}))
                 started = time.time()
-                summary = fit(cfg, out_dir=None)
+                summary = fit(cfg, out_dir=None,
+                              callbacks=[] if args.smoke else [_EpochLine(f"{suite} {method}")])
                 runs.append((cfg, summary, time.time() - started))
                 print(f"{suite:14s} {method:4s} seed {seed} test "
                       f"{summary['final']['test_acc']:.4f}  {runs[-1][2]:7.1f} s", flush=True)
