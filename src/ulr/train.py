@@ -49,7 +49,7 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,7 +201,7 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device,
             raise ValueError(f"method {config.method!r}, method_args "
                              f"{config.method_args}: {e}") from None
     cls = _NOISES[config.noise]
-    _check_site_patterns(config, model)
+    _check_patterns("site_sigma patterns", config.site_sigma, config, model)
     # The noise mapping takes the first matching pattern: --site-sigma, then the recommended
     # per-layer scales, then --sigma.
     noise: Any = {p: cls(s) for p, s in config.site_sigma.items()}
@@ -222,12 +222,7 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device,
         "running-average": lambda: baselines.running_average(config.baseline_decay),
     }[config.baseline]()
     plan = plans.layerwise(num_copies=copies) if config.plan == "layerwise" else plans.all_sites()
-    if config.sites is not None:
-        names = [n for n, _ in model.named_modules() if n]
-        unknown = [p for p in config.sites if not fnmatch.filter(names, p)]
-        if unknown:
-            raise ValueError(f"sites {unknown} match no module of {config.model}; its modules "
-                             f"are {names}")
+    _check_patterns("sites", config.sites or [], config, model)
     sites = None if config.sites is None else by_name(*config.sites)
     if config.blocks is not None:
         sites = hybrid.blocks(model, config.blocks)
@@ -252,14 +247,15 @@ def _estimator(config: RunConfig, model: nn.Module, device: torch.device,
     )
 
 
-def _check_site_patterns(config: RunConfig, model: nn.Module) -> None:
-    """Every ``site_sigma`` pattern must name some module (a typo would silently keep
-    ``sigma``)."""
+def _check_patterns(what: str, patterns: Iterable[str], config: RunConfig,
+                    model: nn.Module) -> None:
+    """Every module-name pattern of ``what`` (``sites``, ``site_sigma``) must name some module:
+    a typo would silently change nothing."""
     names = [n for n, _ in model.named_modules() if n]
-    unknown = [p for p in config.site_sigma if not fnmatch.filter(names, p)]
+    unknown = [p for p in patterns if not fnmatch.filter(names, p)]
     if unknown:
-        raise ValueError(f"site_sigma patterns {unknown} match no module of {config.model}; "
-                         f"its modules are {names}")
+        raise ValueError(f"{what} {unknown} match no module of {config.model}; its modules are "
+                         f"{names}")
 
 
 def _site_sigma(config: RunConfig, name: str, fallback: float) -> float:
@@ -294,16 +290,13 @@ class _NoiseInjection:
                     f"--recommended (one --sigma everywhere) for bp-noise")
             per_layer = dict(rec["sigma"])
         modules = dict(model.named_modules())
+        _check_patterns("sites", config.sites or [], config, model)
+        _check_patterns("site_sigma patterns", config.site_sigma, config, model)
         if config.sites is not None:
             names = [n for n in modules if n and any(fnmatch.fnmatch(n, p) for p in config.sites)]
-            unknown = [p for p in config.sites if not fnmatch.filter(list(modules), p)]
-            if unknown:
-                raise ValueError(f"sites {unknown} match no module of {config.model}; its "
-                                 f"modules are {[n for n in modules if n]}")
         else:
             names = [n for n, m in modules.items()
                      if any(p.requires_grad for p in m.parameters(recurse=False))]
-        _check_site_patterns(config, model)
         self.noises = {n: cls(_site_sigma(config, n, per_layer.get(n, config.sigma)))
                        for n in names}
         self.generator = torch.Generator(device=device).manual_seed(
