@@ -243,6 +243,7 @@ def time_graph_copies(smoke: bool, repeats: int = 5) -> list[dict[str, Any]]:
             model = gnn.GCN(ds.input_shape[0], ds.num_classes)
             est = ulr.LikelihoodRatio(model, noise=ulr.Gaussian(0.1), num_copies=k,
                                       sampler=ulr.antithetic(), replicate=hook,
+                                      baseline=ulr.baselines.none(), plan=ulr.plans.all_sites(),
                                       generator=torch.Generator().manual_seed(0))
             loss = gnn.NodeLoss(adj, hops=1)
             times = []

@@ -60,6 +60,8 @@ def _child(case: str, model_name: str, device: str, batch: int, copies: int, wid
     est = None
     if case in memory:
         est = ulr.LikelihoodRatio(model, num_copies=copies, memory=memory[case],
+                                  sampler=ulr.iid(), baseline=ulr.baselines.none(),
+                                  plan=ulr.plans.all_sites(),
                                   chunk_size=max(1, copies // 8) if "chunked" in case else None,
                                   generator=torch.Generator(device=dev).manual_seed(0))
     xk, yk = x.repeat(copies, *([1] * (x.dim() - 1))), y.repeat(copies)

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                 impl="fused")
     est = ulr.LikelihoodRatio(model, noise=ulr.Gaussian(0.05), num_copies=args.copies,
                               sampler=ulr.antithetic(), baseline=ulr.baselines.leave_one_out(),
+                              plan=ulr.plans.all_sites(),
                               generator=torch.Generator().manual_seed(0))
     rows = []
     for t in args.lengths:

@@ -98,7 +98,9 @@ def main(argv=None):
             ce(model(x), y).mean().backward()
 
         gen = torch.Generator(device=device).manual_seed(0)
-        plain = ulr.LikelihoodRatio(model, num_copies=k, generator=gen)
+        plain = ulr.LikelihoodRatio(model, num_copies=k, sampler=ulr.iid(),
+                                    baseline=ulr.baselines.none(), plan=ulr.plans.all_sites(),
+                                    generator=gen)
         best = ulr.LikelihoodRatio(model, num_copies=k, sampler=ulr.antithetic(),
                                    baseline=ulr.baselines.leave_one_out(),
                                    plan=ulr.plans.layerwise(), generator=gen)

@@ -50,6 +50,7 @@ def stage(rank: int, world_size: int, epochs: int, smoke: bool) -> dict:
     est = ulr.LikelihoodRatio(
         model, noise=ulr.Gaussian(0.1), num_copies=K, sampler=ulr.iid(),
         baseline=ulr.baselines.leave_one_out(),  # same losses, same weights in both parts
+        plan=ulr.plans.all_sites(),  # one pass: one exchange of losses per step
         generator=torch.Generator().manual_seed(100 + rank),  # independent noise streams
         # process 1 receives K*B rows that already are the copies: no tiling
         replicate=None if rank == 0 else (lambda inputs, k: inputs))

@@ -25,16 +25,10 @@ data = ulr.data.load("digits", seed=0)
 (x_train, y_train), (x_test, y_test) = data.train, data.test
 model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
-# Noise N(0, 0.1²) on the output of both Linear layers; 32 copies per example in antithetic
-# pairs; each copy's loss minus the mean of the other copies; one perturbed pass per layer.
-est = ulr.LikelihoodRatio(
-    model,
-    noise=ulr.Gaussian(0.1),
-    num_copies=32,
-    sampler=ulr.antithetic(),
-    baseline=ulr.baselines.leave_one_out(),
-    plan=ulr.plans.layerwise(),
-)
+# The defaults: noise N(0, 0.1²) on the output of both Linear layers; 32 iid copies per
+# example; each copy's loss minus the mean of the other copies' (leave-one-out); one perturbed
+# pass per layer (layer-wise).
+est = ulr.LikelihoodRatio(model, num_copies=32)
 opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
 

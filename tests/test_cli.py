@@ -68,7 +68,7 @@ def test_default_train_is_the_verified_ulr_vs_bp_setting(tmp_path, capsys):
     ulr, bp = config_of(out / "ulr"), config_of(out / "bp")
     assert (ulr["model"], ulr["data"], ulr["num_copies"], ulr["sigma"], ulr["sampler"],
             ulr["baseline"], ulr["plan"], ulr["optimizer"], ulr["lr"], ulr["batch_size"],
-            ulr["epochs"]) == ("mlp", "digits", 32, 0.1, "antithetic", "leave-one-out",
+            ulr["epochs"]) == ("mlp", "digits", 32, 0.1, "iid", "leave-one-out",
                                "layerwise", "adam", 3e-3, 32, 30)
     assert bp["method"] == "bp" and bp["lr"] == 1e-3 and bp["seed"] == ulr["seed"]
     table = capsys.readouterr().out

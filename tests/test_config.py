@@ -84,16 +84,16 @@ def test_missing_file(tmp_path):
 
 def test_cross_field_check_antithetic_needs_even_copies():
     with pytest.raises(ConfigError, match="use num_copies=8"):
-        RunConfig(num_copies=7)
-    assert RunConfig(num_copies=7, sampler="iid").num_copies == 7
-    assert RunConfig(num_copies=7, method="bp").num_copies == 7
+        RunConfig(num_copies=7, sampler="antithetic")
+    assert RunConfig(num_copies=7).num_copies == 7  # iid, the default
+    assert RunConfig(num_copies=7, sampler="antithetic", method="bp").num_copies == 7
 
 
 def test_defaults_are_the_verified_setting():
     c = RunConfig()
     assert (c.model, c.data, c.num_copies, c.noise, c.sigma, c.sampler, c.baseline, c.plan,
             c.optimizer, c.batch_size, c.epochs) == (
-        "mlp", "digits", 32, "gaussian", 0.1, "antithetic", "leave-one-out", "layerwise",
+        "mlp", "digits", 32, "gaussian", 0.1, "iid", "leave-one-out", "layerwise",
         "adam", 32, 30)
     assert c.resolved_lr == 3e-3 and c.replace(method="bp").resolved_lr == 1e-3
     assert c.threads == 1 and c.replace(threads=0).threads == 0  # 0: torch's default

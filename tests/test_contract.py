@@ -307,9 +307,9 @@ def test_shared_module_sums_the_contributions_of_its_calls():
     tied = nn.Sequential(shared, nn.Tanh(), shared)
     untied = nn.Sequential(copy.deepcopy(shared), nn.Tanh(), copy.deepcopy(shared))
     x, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
-    for model in (tied, untied):
-        ulr.LikelihoodRatio(model, num_copies=3, generator=torch.Generator().manual_seed(0)
-                            ).loss_and_grads(ce, x, y)
+    for model in (tied, untied):  # one pass: the same noise draws for both
+        ulr.LikelihoodRatio(model, num_copies=3, plan=ulr.plans.all_sites(),
+                            generator=torch.Generator().manual_seed(0)).loss_and_grads(ce, x, y)
     for name in ("weight", "bias"):
         want = getattr(untied[0], name).grad + getattr(untied[2], name).grad
         torch.testing.assert_close(getattr(shared, name).grad, want)
@@ -367,7 +367,8 @@ def test_inputs_modified_in_place_are_not_treated_as_copies():
     model = NoisyInput()
     x = torch.randn(4, 3)
     gen_state = torch.Generator().manual_seed(0).get_state()
-    est = ulr.LikelihoodRatio(model, num_copies=3, generator=torch.Generator())
+    est = ulr.LikelihoodRatio(model, num_copies=3, generator=torch.Generator(),
+                              baseline=ulr.baselines.none())  # the hand computation's weights
     est.generator.set_state(gen_state)
     est.loss_and_grads(lambda o: o.pow(2).sum(1), x.clone())
     got = model.lin.weight.grad.clone()
@@ -416,9 +417,10 @@ def test_custom_replicate_for_a_whole_graph():
     model.spy = Spy()
     model.lin1.register_forward_pre_hook(lambda m, a: model.spy(a[0]))
     est = ulr.LikelihoodRatio(model, sites=["lin1", "lin2"], num_copies=3,
-                              replicate=_block_diagonal, generator=torch.Generator().manual_seed(0))
+                              replicate=_block_diagonal, generator=torch.Generator().manual_seed(0),
+                              baseline=ulr.baselines.none(), plan=ulr.plans.all_sites())
     est.loss_and_grads(ce, (feats, adj), y)
-    assert layouts == [(3, n)]
+    assert layouts == [(1, n), (3, n)]  # the first call's clean pass, then the noisy pass
     # by hand, one graph copy at a time, with the same draws (site lin1, then lin2)
     gen = torch.Generator().manual_seed(0)
     cpu = torch.device("cpu")
@@ -434,7 +436,7 @@ def test_custom_replicate_for_a_whole_graph():
             grad_w2 += (loss[:, None] * z2[k] / 0.01 / (3 * n)).T @ h
     torch.testing.assert_close(model.lin1.weight.grad, grad_w1)
     torch.testing.assert_close(model.lin2.weight.grad, grad_w2)
-    with pytest.raises(ValueError, match="first dimension must be the batch"):
+    with pytest.raises(ValueError, match="must be batch-first"):
         ulr.LikelihoodRatio(model, sites=["lin1", "lin2"], num_copies=3,
                             replicate=lambda inputs, k: inputs).loss_and_grads(ce, (feats, adj), y)
     assert ulr.copy_layout() is None

@@ -256,7 +256,8 @@ def test_model_split_equals_one_estimator():
     back = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4))
     whole = nn.Sequential(copy.deepcopy(front), copy.deepcopy(back))
     x, y = batch()
-    kw = {"num_copies": K, "sampler": ulr.iid(), "baseline": ulr.baselines.leave_one_out()}
+    kw = {"num_copies": K, "sampler": ulr.iid(), "baseline": ulr.baselines.leave_one_out(),
+          "plan": ulr.plans.all_sites()}  # one pass: the split exchanges its losses once
     ulr.LikelihoodRatio(whole, generator=torch.Generator().manual_seed(1),
                         **kw).loss_and_grads(ce, x, y)
 

@@ -61,7 +61,7 @@ def _oracle(model, ends, x, y, *, noise, num_copies, generator, passes):
 
 def _estimate(model, spec, x, y, *, plan, seed, k):
     est = ulr.LikelihoodRatio(model, sites=spec, noise=ulr.Gaussian(0.1), num_copies=k,
-                              sampler=ulr.iid(), plan=plan,
+                              sampler=ulr.iid(), plan=plan, baseline=ulr.baselines.none(),
                               generator=torch.Generator().manual_seed(seed))
     model.zero_grad(set_to_none=True)
     est.loss_and_grads(ce, x, y)
@@ -123,8 +123,9 @@ def test_as_many_blocks_as_layers_is_pure_ulr():
     model = _mlp()
     x, y = torch.randn(4, 6), torch.randint(0, 4, (4,))
     assert ulr.hybrid.block_ends(model, 4) == ulr.hybrid.layers(model) == ["0", "2", "4", "6"]
-    a = _estimate(model, ulr.hybrid.blocks(model, 4), x, y, plan=None, seed=1, k=4)
-    b = _estimate(model, None, x, y, plan=None, seed=1, k=4)
+    one_pass = ulr.plans.all_sites()
+    a = _estimate(model, ulr.hybrid.blocks(model, 4), x, y, plan=one_pass, seed=1, k=4)
+    b = _estimate(model, None, x, y, plan=one_pass, seed=1, k=4)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
 

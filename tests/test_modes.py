@@ -74,11 +74,14 @@ def test_memory_modes_with_local_vjps_and_marks(memory, chunk):
 
 def test_replay_keeps_no_records_and_counts_two_sweeps(mlp):
     x, y = torch.randn(4, 6), torch.randint(0, 4, (4,))
-    est = ulr.LikelihoodRatio(mlp, num_copies=8, memory="replay")
+    est = ulr.LikelihoodRatio(mlp, num_copies=8, memory="replay", plan=ulr.plans.all_sites())
+    est.loss_and_grads(ce, x, y)
+    assert est.last_forward_rows == 4 + 2 * 8 * 4  # the first call's clean pass: B rows
     est.loss_and_grads(ce, x, y)
     assert est.last_forward_rows == 2 * 8 * 4
     est = ulr.LikelihoodRatio(mlp, num_copies=8, memory="chunked", chunk_size=3,
-                              baseline=ulr.baselines.leave_one_out())
+                              baseline=ulr.baselines.leave_one_out(), plan=ulr.plans.all_sites())
+    est.loss_and_grads(ce, x, y)
     est.loss_and_grads(ce, x, y)
     assert est.last_forward_rows == 2 * 8 * 4  # losses first, then gradients
 

@@ -17,6 +17,7 @@ def test_weight_noise_matches_a_hand_computation():
     x, t = torch.randn(4, 3), torch.randn(4, 2)
     sigma, k = 0.2, 3
     est = ulr.LikelihoodRatio(layer, noise=ulr.weight_noise(ulr.Gaussian(sigma)), num_copies=k,
+                              baseline=ulr.baselines.none(),  # the hand computation's weights
                               generator=torch.Generator().manual_seed(0))
     est.loss_and_grads(lambda o, y: ((o - y) ** 2).sum(1), x, t)
     gen = torch.Generator().manual_seed(0)

@@ -119,6 +119,7 @@ def _ulr_best(model, generator, rows):
 def _ulr_iid(model, generator, rows):
     k = 32 if rows is None else max(1, rows)
     return LikelihoodRatio(model, noise=_site_sigma(model), num_copies=k, sampler=iid(),
+                           baseline=baselines.none(), plan=plans.all_sites(),
                            generator=generator)
 
 

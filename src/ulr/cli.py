@@ -119,7 +119,7 @@ _TRAIN_DESCRIPTION = """\
 Train a reference model with the likelihood-ratio estimator (ulr) and/or backpropagation (bp).
 
 With no arguments: the 64-128-10 MLP on the embedded digits data (1295 train / 143 val / 359 test
-images), Adam, batch 32, 30 epochs, ULR with Gaussian noise sigma=0.1, 32 antithetic copies, the
+images), Adam, batch 32, 30 epochs, ULR with Gaussian noise sigma=0.1, 32 iid copies, the
 leave-one-out baseline and the layer-wise plan (lr 3e-3), then the same with backprop (lr 1e-3)
 from the same seed; under 10 s on two CPU cores, ending in a comparison table.
 

@@ -208,12 +208,12 @@ class RunConfig:
         "as PATTERN=SIGMA; repeat the flag for several (the first matching pattern wins, the "
         "other sites take --sigma or --recommended's). In a config file: a [site_sigma] "
         "table. Used by ulr and bp-noise.", metavar="PATTERN=SIGMA"))
-    sampler: str = field(default="antithetic", metadata=_meta(
+    sampler: str = field(default="iid", metadata=_meta(
         "method and estimator",
-        "How the K copies are drawn: antithetic pairs (z, -z) cancel the zeroth-order term "
-        "(far lower variance without a baseline); iid is plain Monte Carlo (with a baseline it "
-        "matches or beats antithetic, see docs/results/variance.md); sobol is randomised "
-        "quasi-Monte Carlo (not with leave-one-out); antithetic-sobol combines both.",
+        "How the K copies are drawn: iid is plain Monte Carlo (the default: with a baseline it "
+        "matches or beats antithetic, see docs/results/variance.md); antithetic pairs (z, -z) "
+        "cancel the zeroth-order term (far lower variance without a baseline); sobol is "
+        "randomised quasi-Monte Carlo (not with leave-one-out); antithetic-sobol combines both.",
         choices=("antithetic", "iid", "sobol", "antithetic-sobol")))
     baseline: str = field(default="leave-one-out", metadata=_meta(
         "method and estimator",

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import fnmatch
 import functools
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -13,11 +15,11 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .baselines import Baseline, Context, none
+from .baselines import Baseline, Context, leave_one_out, none
 from .functional import has_closed_form, module_grads, per_example_weight_output
 from .noise import Gaussian, Noise, WeightNoise
 from .parallel import Assembler
-from .plans import Pass, Plan, all_sites
+from .plans import Pass, Plan, layerwise
 from .samplers import Sampler, iid
 from .sites import SiteSpec, _stack, as_spec
 
@@ -68,6 +70,11 @@ class _NeedGradError(Exception):
     """A pass run without autograd met a site that needs a local VJP: rerun it with grad."""
 
 
+class _UsesChangedError(Exception):
+    """A noisy pass used a value the clean pass had found unused (a site output left without
+    noise), or a parameter past the last site: probe again and start the step over."""
+
+
 def replicate(tree: Any, num_copies: int) -> Any:
     """Tile every tensor in ``tree`` ``num_copies`` times along dim 0, copy-major.
 
@@ -100,6 +107,17 @@ def _tensors(tree: Any) -> list[Tensor]:
     return []
 
 
+def _clone_dense(tree: Any) -> Any:
+    """``tree`` with every strided tensor cloned (others, e.g. sparse, kept)."""
+    if isinstance(tree, Tensor):
+        return tree.clone() if tree.layout == torch.strided else tree
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_clone_dense(t) for t in tree)
+    if isinstance(tree, dict):
+        return {k: _clone_dense(v) for k, v in tree.items()}
+    return tree
+
+
 def _check_batch(tree: Any, batch: int, what: str) -> None:
     for t in _tensors(tree):
         if t.shape[0] != batch:
@@ -107,6 +125,98 @@ def _check_batch(tree: Any, batch: int, what: str) -> None:
                 f"{what} has a tensor of shape {tuple(t.shape)} whose first dimension is not "
                 f"the batch size {batch}; every tensor in inputs and targets must be batch-first"
             )
+
+
+def _map_floats(tree: Any, fn: Callable[[Tensor, tuple], Tensor], site: str,
+                path: tuple = ()) -> Any:
+    """``tree`` with every floating-point tensor ``t`` at ``path`` replaced by ``fn(t, path)``.
+
+    Tuples (NamedTuples too), lists, dicts (and Mapping types such as ``OrderedDict``) and
+    dataclasses are rebuilt; other tensors, ``None``, numbers and strings pass unchanged. Any
+    other object is refused: it might hide a tensor that would escape the site.
+    """
+    if isinstance(tree, Tensor):
+        return fn(tree, path) if torch.is_floating_point(tree) else tree
+    if isinstance(tree, tuple):
+        items = [_map_floats(v, fn, site, (*path, i)) for i, v in enumerate(tree)]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    if isinstance(tree, list):
+        return [_map_floats(v, fn, site, (*path, i)) for i, v in enumerate(tree)]
+    if isinstance(tree, Mapping):
+        out = copy.copy(tree)
+        for k, v in tree.items():
+            out[k] = _map_floats(v, fn, site, (*path, k))
+        return out
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return dataclasses.replace(tree, **{
+            f.name: _map_floats(getattr(tree, f.name), fn, site, (*path, f.name))
+            for f in dataclasses.fields(tree) if f.init})
+    if tree is None or isinstance(tree, (bool, int, float, complex, str, bytes)):
+        return tree
+    raise TypeError(
+        f"site {site!r} returned {_path_name(path)} of type {type(tree).__name__}, which ulr "
+        f"cannot look into; a site's value must be a tensor or a tuple/list/dict/dataclass of "
+        f"them. Choose the submodule that produces the tensor, or mark the value inside forward "
+        f"with ulr.perturb(name, x)"
+    )
+
+
+def _path_name(path: tuple) -> str:
+    return "output" + "".join(f"[{k!r}]" for k in path)
+
+
+def _batch_dims(module: nn.Module | None) -> Callable[[tuple], int]:
+    """The batch dimension of each tensor of a module's nested output, by its path.
+
+    torch's recurrent modules return ``(output, h_n)`` / ``(output, (h_n, c_n))`` with ``h_n``
+    and ``c_n`` laid out ``[layers·directions, batch, hidden]`` and ``output`` batch-first only
+    with ``batch_first=True``; ``nn.MultiheadAttention`` returns its output sequence-first
+    unless ``batch_first=True`` and its attention weights batch-first. Everything else is
+    batch-first.
+    """
+    if isinstance(module, nn.RNNBase):
+        first = 0 if module.batch_first else 1
+        return lambda path: first if path[:1] == (0,) else 1
+    if isinstance(module, nn.MultiheadAttention):
+        first = 0 if module.batch_first else 1
+        return lambda path: first if path[:1] == (0,) else 0
+    return lambda path: 0
+
+
+def _graph_params(tensors: Iterable[Tensor]) -> dict[int, Tensor]:
+    """The leaf tensors that require grad (parameters) reachable from ``tensors``' graphs."""
+    found: dict[int, Tensor] = {}
+    seen: set = set()
+    stack = []
+    for t in tensors:
+        if not isinstance(t, Tensor) or not t.requires_grad:
+            continue
+        if t.grad_fn is None:
+            found[id(t)] = t
+        else:
+            stack.append(t.grad_fn)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if isinstance(var, Tensor):
+            found[id(var)] = var
+        stack.extend(n for n, _ in node.next_functions)
+    return found
+
+
+def _model_rng_state() -> tuple[Tensor, list[Tensor] | None]:
+    """torch's global CPU RNG state and, once CUDA is in use, every device's."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_model_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def _add(grads: dict[Tensor, Tensor], p: Tensor, g: Tensor) -> None:
@@ -125,7 +235,8 @@ class _PassRun:
     def __init__(self, est: LikelihoodRatio, spec: Pass | None, batch: int, *,
                  copies: tuple[int, int] = (0, 1), expand: bool = False,
                  tiled: dict[int, int] | None = None, record: bool = True,
-                 weights: Tensor | None = None, sink: tuple | None = None) -> None:
+                 weights: Tensor | None = None, sink: tuple | None = None,
+                 probe: dict | None = None) -> None:
         self.est, self.spec, self.batch = est, spec, batch
         self.total_copies = spec.num_copies if spec is not None else 1
         self.k0, self.k1 = copies
@@ -137,8 +248,15 @@ class _PassRun:
         # contiguous view of one) sees identical copies of B rows.
         self.tiled = tiled or {}
         self.record, self.weights, self.sink = record, weights, sink
+        #: a clean pass that notes, per site name, which parameters each call depends on
+        self.probe: dict[str, list[tuple[str, dict[int, Tensor]]]] | None = probe
         self.records: list[_Record] = []
         self.fired: dict[str, None] = {}
+        #: site outputs passed on without noise because the clean pass found them unused; in
+        #: a pass with autograd they require grad, so that a use is caught (_UsesChangedError)
+        self.tripwires: list[Tensor] = []
+        #: the probe's stand-ins for those outputs: (site name, path, tensor)
+        self.leaves: list[tuple[str, tuple, Tensor]] = []
         self.grad_enabled = torch.is_grad_enabled()
 
     def hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -150,25 +268,62 @@ class _PassRun:
 
     def on_site(self, site: _Site, value: Any, args: tuple | None) -> Any:
         self.fired[site.name] = None
-        if self.spec is None:  # discovery / clean pass: no noise, nothing recorded
-            return value
+        if self.spec is None:  # clean pass: no noise, nothing recorded
+            return self._probe(site, value, args) if self.probe is not None else value
         keep = self.record or self.weights is not None
         if keep and site.module is None and not self.grad_enabled:
             raise _NeedGradError
         perturbed = self.spec.sites is None or site.name in self.spec.sites
+        records: list[_Record] = []
         if isinstance(value, Tensor):
-            return self._perturb(site, value, args, perturbed)
-        if isinstance(value, (tuple, list)) and not site.weight_noise:
-            return type(value)(
-                self._perturb(site, v, None, perturbed)
-                if isinstance(v, Tensor) and torch.is_floating_point(v) else v
-                for v in value
-            )
-        raise TypeError(
-            f"site {site.name!r} returned {type(value).__name__}; a site's value must be a "
-            f"tensor or a tuple of tensors. Choose the submodule that produces the tensor, or "
-            f"mark the value inside forward with ulr.perturb(name, x)"
-        )
+            out = self._perturb(site, value, args, perturbed, records, "output", 0)
+        elif site.weight_noise:
+            raise TypeError(f"weight-noise site {site.name!r} returned "
+                            f"{type(value).__name__}; weight noise needs a module that returns "
+                            f"one tensor (a plain nn.Linear or nn.Conv)")
+        else:
+            dims = _batch_dims(site.module)
+            unused = self.est._unused.get(site.name, ())
+
+            def leaf(t: Tensor, path: tuple) -> Tensor:
+                if path in unused:
+                    return self._tripwire(t)
+                return self._perturb(site, t, None, perturbed, records, _path_name(path),
+                                     dims(path))
+
+            out = _map_floats(value, leaf, site.name)
+        if records:
+            self._keep(records)  # after the sums: in replay this consumes the noise
+        return out
+
+    def _probe(self, site: _Site, value: Any, args: tuple | None) -> Any:
+        """Clean pass with ``probe``: note the trainable parameters each site's value (and a
+        weight-noise site's input) depends on since the previous site, and cut the graph."""
+        uses = self.probe.setdefault(site.name, [])
+        leaves = _tensors(value) if not isinstance(value, Tensor) else [value]
+        uses.append(("value", _graph_params(leaves)))
+        if site.weight_noise and args and isinstance(args[0], Tensor):
+            uses.append(("input", _graph_params([args[0]])))
+        if site.closed_form and args and isinstance(args[0], Tensor):
+            uses.append(("closed-input", _graph_params([args[0]])))
+        if isinstance(value, Tensor):
+            return value.detach()
+
+        def stand_in(t: Tensor, path: tuple) -> Tensor:
+            # a leaf of its own: whether a later site or the output depends on it tells
+            # whether this part of the output is used at all
+            t = t.detach().requires_grad_()
+            self.leaves.append((site.name, path, t))
+            return t
+
+        return _map_floats(value, stand_in, site.name)
+
+    def _tripwire(self, t: Tensor) -> Tensor:
+        t = t.detach()
+        if self.grad_enabled and self.spec is not None:
+            t.requires_grad_()
+            self.tripwires.append(t)
+        return t
 
     def _is_tiled(self, x: Tensor) -> bool:
         if self.num_copies == 1:
@@ -248,23 +403,33 @@ class _PassRun:
         out = zz.add_(base) if consume and zz is z else zz + base
         return out.view(self.rows, *out.shape[2 if shared else 1:])
 
-    def _perturb(self, site: _Site, value: Tensor, args: tuple | None, perturbed: bool) -> Tensor:
+    def _perturb(self, site: _Site, value: Tensor, args: tuple | None, perturbed: bool,
+                 records: list[_Record], where: str, dim: int) -> Tensor:
+        """``value`` + noise (or ``value`` cut from the graph when this pass does not perturb
+        the site); ``dim`` is the batch dimension of ``value``, ``where`` names it in errors."""
         if not perturbed:
             return value.detach()
+        if dim:
+            if value.dim() <= dim:
+                raise ValueError(f"site {site.name!r}: {where} of shape {tuple(value.shape)} "
+                                 f"has no batch dimension {dim}; pass batched inputs")
+            moved = self._perturb(site, value.movedim(dim, 0), args, perturbed, records,
+                                  where, 0)
+            return moved.movedim(0, dim)
         n = value.shape[0] if value.dim() else 0
         shared = self.expand and n == self.batch and self.num_copies > 1
         if not shared and n != self.rows:
             raise ValueError(
-                f"site {site.name!r} produced a value of shape {tuple(value.shape)}, but the pass "
-                f"has {self.rows} rows ({self.num_copies} copies x batch {self.batch}); a site's "
-                f"first dimension must be the batch (use batch_first=True layouts, or mark a "
-                f"batch-first value with ulr.perturb)"
+                f"site {site.name!r} produced a value ({where}) of shape "
+                f"{tuple(value.shape)}, but the pass has {self.rows} rows ({self.num_copies} "
+                f"copies x batch {self.batch}); a site's values must be batch-first (use "
+                f"batch_first=True layouts, or mark a batch-first value with ulr.perturb)"
             )
         x = args[0] if args is not None and len(args) == 1 else None
         keep = self.record or self.weights is not None
         base = value.detach()
         if site.weight_noise:
-            return self._perturb_weights(site, base, x, shared, keep)
+            return self._perturb_weights(site, base, x, shared, keep, records)
         # A Linear/Conv output that no autograd graph and no other hook holds is ours to
         # overwrite: adding the noise in place saves one activation-sized buffer per site.
         owned = (site.closed_form and not shared and not value.requires_grad
@@ -290,14 +455,16 @@ class _PassRun:
             rec = _Record(site, "noise-only", z)
         out = base.add_(z) if owned else self._add(base, z, shared, consume=False)
         if rec is not None:
-            self._keep(rec)  # after the sum: in replay this consumes z
+            records.append(rec)
         return out
 
     def _perturb_weights(self, site: _Site, base: Tensor, x: Any, shared: bool,
-                         keep: bool) -> Tensor:
+                         keep: bool, records: list[_Record]) -> Tensor:
         module = site.module
         if not isinstance(x, Tensor):
             raise TypeError(f"weight-noise site {site.name!r} must be called with one tensor")
+        if x.requires_grad:  # a parameter or an unused site output feeds it (see _check_uses)
+            raise _UsesChangedError
         x = x.detach()
         if shared:
             x = replicate(x, self.num_copies)
@@ -307,15 +474,16 @@ class _PassRun:
         extra = per_example_weight_output(module, x, e, eb)
         out = self._add(base, extra, shared, consume=True)
         if keep:
-            self._keep(_Record(site, "weight", e, bias_noise=eb))
+            records.append(_Record(site, "weight", e, bias_noise=eb))
         return out
 
-    def _keep(self, rec: _Record) -> None:
+    def _keep(self, records: list[_Record]) -> None:
+        """The records of one site call (several for a module with several outputs)."""
         if self.weights is None:
-            self.records.append(rec)
-        else:  # replay: the weights are known, turn the record into gradients now
+            self.records.extend(records)
+        else:  # replay: the weights are known, turn the records into gradients now (one VJP)
             grads, wanted, params = self.sink
-            self.est._record_grads([rec], self, self.weights, grads, wanted, params)
+            self.est._record_grads(records, self, self.weights, grads, wanted, params)
 
 
 class LikelihoodRatio:
@@ -352,10 +520,15 @@ class LikelihoodRatio:
             ``Gaussian(0.1)``. A noise made with ``learnable=True`` gets the LR gradient of its
             ``ln σ`` too (:meth:`noise_parameters`).
         num_copies: noise copies ``K`` per example (per pass; plans may override it).
-        sampler: how copies are drawn jointly (:func:`ulr.iid`, :func:`ulr.antithetic`,
-            :func:`ulr.sobol`).
-        baseline: control variate from :mod:`ulr.baselines` (default: none).
-        plan: which passes perturb which sites, from :mod:`ulr.plans` (default: all at once).
+        sampler: how copies are drawn jointly: :func:`ulr.iid` (default),
+            :func:`ulr.antithetic`, :func:`ulr.sobol`.
+        baseline: control variate from :mod:`ulr.baselines`; default
+            :func:`~ulr.baselines.leave_one_out` (``none()`` when the sampler makes fewer than
+            two independent copies, e.g. ``num_copies=1``).
+        plan: which passes perturb which sites, from :mod:`ulr.plans`; default
+            :func:`~ulr.plans.layerwise` (one pass per site). The defaults are the
+            configuration with the lowest variance per forward row measured in
+            docs/results/variance.md; :func:`~ulr.plans.all_sites` is cheaper per step.
         generator: the only source of randomness; default: a generator seeded from torch's
             global RNG at construction (so ``torch.manual_seed`` makes runs reproducible).
         exclude: parameter names (wildcards allowed) deliberately left without a gradient.
@@ -402,8 +575,7 @@ class LikelihoodRatio:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-        >>> est = ulr.LikelihoodRatio(model, noise=ulr.Gaussian(0.1), num_copies=16,
-        ...                           sampler=ulr.antithetic())
+        >>> est = ulr.LikelihoodRatio(model, num_copies=16)  # iid, leave-one-out, layer-wise
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
         >>> opt.zero_grad()
@@ -411,6 +583,8 @@ class LikelihoodRatio:
         ...                           x, y)
         >>> model[0].weight.grad.shape
         torch.Size([8, 4])
+        >>> est.sampler, est.baseline, est.plan
+        (iid(), leave_one_out(), layerwise(groups=None, num_copies=None))
         >>> opt.step()
 
     References:
@@ -472,8 +646,12 @@ class LikelihoodRatio:
         self.noise = noise
         self.num_copies = num_copies
         self.sampler = sampler if sampler is not None else iid()
-        self.baseline = baseline if baseline is not None else none()
-        self.plan = plan if plan is not None else all_sites()
+        if baseline is None:
+            # leave-one-out needs two independent copies; one copy has nothing to leave out
+            groups = self.sampler.copy_groups(num_copies)
+            baseline = leave_one_out() if int(groups.unique().numel()) >= 2 else none()
+        self.baseline = baseline
+        self.plan = plan if plan is not None else layerwise()
         self.exclude = tuple(exclude)
         self.memory: Memory = memory
         self.chunk_size = chunk_size
@@ -508,8 +686,11 @@ class LikelihoodRatio:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
             generator = torch.Generator(device=device).manual_seed(seed)
         self.generator = generator
-        self._warned_batchnorm = False
         self._site_names: list[str] | None = None
+        #: the sites the first call's clean pass met (None: probe at the next call)
+        self._probed: set[str] | None = None
+        #: per site, the paths of output parts that the clean pass found unused
+        self._unused: dict[str, set[tuple]] = {}
         self._fired: set[str] = set()
         #: Forward rows (examples × copies, summed over passes and sweeps) of the last call.
         self.last_forward_rows = 0
@@ -624,31 +805,21 @@ class LikelihoodRatio:
             yield k, z.to(device)
 
     def _snapshot(self) -> tuple:
-        return self.generator.get_state(), self.sampler.snapshot()
+        """The noise stream's state and the model's own randomness (torch's global RNGs, which
+        dropout and other train-mode layers draw from): restoring both makes a repeated forward
+        see the same noise *and* the same dropout masks."""
+        return self.generator.get_state(), self.sampler.snapshot(), _model_rng_state()
 
     def _restore(self, snapshot: tuple) -> None:
         self.generator.set_state(snapshot[0])
         self.sampler.restore(snapshot[1])
-
-    def _warn_batchnorm(self) -> None:
-        if self._warned_batchnorm:
-            return
-        for name, m in self.model.named_modules():
-            if type(m) in _MIXING_NORMS and m.training:
-                self._warned_batchnorm = True
-                warnings.warn(
-                    f"BatchNorm layer {name!r} is in training mode: its batch statistics mix "
-                    f"the noise copies of different examples, which biases the LR estimate. "
-                    f"Run the estimate with model.eval() (frozen statistics), or use GroupNorm/"
-                    f"LayerNorm, which normalise each row on its own",
-                    UserWarning, stacklevel=3,
-                )
-                return
+        _set_model_rng_state(snapshot[2])
 
     # -- running passes -----------------------------------------------------------------------
     def _forward(self, spec: Pass | None, inputs: Any, batch: int, *,
                  copies: tuple[int, int] = (0, 1), expand: bool = False, record: bool = True,
-                 weights: Tensor | None = None, sink: tuple | None = None) -> tuple[Any, _PassRun]:
+                 weights: Tensor | None = None, sink: tuple | None = None,
+                 probe: dict | None = None) -> tuple[Any, _PassRun]:
         c = copies[1] - copies[0]
         if c == 1 or expand:
             rep = inputs
@@ -661,10 +832,11 @@ class LikelihoodRatio:
         snapshot = self._snapshot()
         # replay turns sites into gradients during the forward: a retry must drop them
         written = dict(sink[0]) if weights is not None and sink is not None else None
-        grad = self._needs_grad and spec is not None and (record or weights is not None)
+        grad = probe is not None or (self._needs_grad and spec is not None
+                                     and (record or weights is not None))
         while True:
             run = _PassRun(self, spec, batch, copies=copies, expand=expand, tiled=tiled,
-                           record=record, weights=weights, sink=sink)
+                           record=record, weights=weights, sink=sink, probe=probe)
             handles = [m.register_forward_hook(run.hook) for m in self._module_sites]
             stack = _stack()
             stack.append(run)
@@ -672,6 +844,8 @@ class LikelihoodRatio:
                 with torch.set_grad_enabled(grad):
                     run.grad_enabled = grad
                     out = self.model(**rep) if isinstance(rep, dict) else self.model(*rep)
+                if spec is not None and grad:
+                    self._check_output(out, run)
                 self._fired.update(run.fired)
                 return out, run
             except _NeedGradError:
@@ -726,7 +900,7 @@ class LikelihoodRatio:
         """Turn records into gradients: ``weights [rows of run]``, normalised by all rows."""
         self._record_parts(list(enumerate(records)), run, weights, wanted, params,
                            lambda i, p, g: _add(grads, p, g))
-        self._sites_done([rec.site for rec in records])
+        self._sites_done(list({id(rec.site): rec.site for rec in records}.values()))
 
     def _sites_done(self, sites: list[_Site]) -> None:
         """Called once the gradients of these site calls are in the step's sums (a hook for
@@ -799,8 +973,11 @@ class LikelihoodRatio:
                 outs.append(rec.value)
                 signals.append(signal.to(rec.value.dtype))
         if outs and params:
-            for p, g in zip(params, torch.autograd.grad(outs, params, signals, allow_unused=True),
-                            strict=True):
+            wires = run.tripwires
+            found = torch.autograd.grad(outs, [*params, *wires], signals, allow_unused=True)
+            if any(g is not None for g in found[len(params):]):
+                raise _UsesChangedError
+            for p, g in zip(params, found[:len(params)], strict=True):
                 if g is not None:
                     emit(None, p, g)
 
@@ -850,11 +1027,16 @@ class LikelihoodRatio:
                           weights=weights_of(losses, (0, k)), sink=sink)
             return float(losses.sum()), losses.numel(), 2 * k * batch
         chunks = [(c, min(c + self.chunk_size, k)) for c in range(0, k, self.chunk_size)]
+        # The noise stream restarts for every chunk (each chunk takes its copies' rows of the
+        # pass's noise); the model's randomness (dropout) runs on from chunk to chunk, and the
+        # second sweep replays each chunk's.
+        model_rng = [start[2]]
         if self.baseline.row_local:
             total, count = 0.0, 0
             for ch in chunks:
-                self._restore(start)
+                self._restore((*start[:2], model_rng[-1], *start[3:]))
                 out, run = forward(ch, True)
+                model_rng.append(_model_rng_state())
                 losses = losses_of(out, run)
                 del out
                 self._assemble(run.records, run, weights_of(losses, ch), grads, wanted, params)
@@ -862,14 +1044,15 @@ class LikelihoodRatio:
             return total, count, k * batch
         parts = []
         for ch in chunks:
-            self._restore(start)
+            self._restore((*start[:2], model_rng[-1], *start[3:]))
             with torch.no_grad():
                 out, run = forward(ch, False)
                 parts.append(losses_of(out, run))
+            model_rng.append(_model_rng_state())
         losses = torch.cat(parts)
         weights = weights_of(losses, (0, k))
-        for ch in chunks:
-            self._restore(start)
+        for ch, rng in zip(chunks, model_rng, strict=False):
+            self._restore((*start[:2], rng, *start[3:]))
             _, run = forward(ch, True)
             self._assemble(run.records, run, weights[ch[0] * batch:ch[1] * batch], grads,
                            wanted, params)
@@ -892,9 +1075,9 @@ class LikelihoodRatio:
             The mean noisy loss over all rows of all passes (a detached scalar).
 
         Raises:
-            ValueError: the loss has the wrong shape or is not finite, a site is not
-                batch-first, or a trainable parameter is covered by no site (nothing is
-                written to ``.grad`` then).
+            ValueError: the batch is empty, the loss has the wrong shape or is not finite, a
+                site is not batch-first, a trainable parameter is covered by no site, or one
+                of its uses lies after the last site (nothing is written to ``.grad`` then).
         """
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
@@ -908,49 +1091,81 @@ class LikelihoodRatio:
         if not found:
             raise ValueError("inputs must contain at least one batch-first tensor")
         batch = found[0].shape[0]
+        if batch == 0:
+            raise ValueError("the batch is empty (0 rows): there is nothing to estimate a "
+                             "gradient from; skip empty batches (e.g. DataLoader(..., "
+                             "drop_last=True)). Nothing was written to .grad")
         if not custom:
             _check_batch(inputs, batch, "inputs")
         _check_batch(targets, batch, "targets")
-        self._warn_batchnorm()
+        return self._step(loss_fn, inputs, targets, batch, retry=True)
 
+    def _step(self, loss_fn: Callable, inputs: Any, targets: Any, batch: int,
+              retry: bool) -> Tensor:
         params = [p for _, p in self._trainable()]
-        clean_losses, site_names = None, ()
-        rows_total = 0
-        # The site names (for layer-wise groups) are learnt once by a clean pass and kept; a
-        # step that meets a site outside them (input-dependent control flow) starts over.
-        known = self._site_names if self.plan.needs_site_names else ()
-        if self.baseline.needs_clean or known is None:
-            with torch.no_grad():
-                outputs, run = self._forward(None, inputs, batch)
+        norms = _batch_norms_in_training(self.model)
+        clean_losses, rows_total = None, 0
+        # The clean pass (B rows, no noise): on the first call it probes which parameters each
+        # site and the output depend on, and learns the sites in firing order; with a
+        # train-mode BatchNorm it is the one forward that updates the running statistics and
+        # gives the batch statistics every noisy pass normalises with.
+        probe = {} if self._probed is None else None
+        stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+        buffers = {m: {k: b.clone() for k, b in m._buffers.items() if b is not None}
+                   for m in norms} if retry else {}
+        if probe is not None or self.baseline.needs_clean or norms:
+            with _capture_batch_stats(self.model, norms, stats), torch.no_grad():
+                # on a copy: a model that changes its input in place must not change the
+                # user's batch (the noisy passes, too, work on tiled copies)
+                outputs, run = self._forward(None, _clone_dense(inputs), batch, probe=probe)
             rows_total += batch
             if not run.fired:
                 raise self._no_site_error()
-            if self.plan.needs_site_names:
-                self._site_names = known = list(run.fired)
+            if probe is not None:
+                self._check_uses(probe, outputs)
+                self._learn_unused(run.leaves, probe, outputs)
+                self._site_names, self._probed = list(run.fired), set(run.fired)
             if self.baseline.needs_clean:
                 clean_losses = self._losses(loss_fn, outputs, targets, batch)
-            del outputs
-        site_names = known
+            del outputs, run
 
         start = self._snapshot(), self.baseline.state_dict()
         self._fired = set()
         grads: dict[Tensor, Tensor] = {}
         loss_sum, loss_rows = 0.0, 0
+        changed = False
         try:
-            for spec in self.plan.passes(site_names, self.num_copies):
-                s, n, f = self._estimate_pass(spec, loss_fn, inputs, targets, batch,
-                                              clean_losses, grads, params)
-                loss_sum, loss_rows, rows_total = loss_sum + s, loss_rows + n, rows_total + f
-            if self._assembler is not None:
-                self._assembler.merge_all(functools.partial(_add, grads))
+            with _frozen_batch_stats(stats):
+                for spec in self.plan.passes(self._site_names, self.num_copies):
+                    s, n, f = self._estimate_pass(spec, loss_fn, inputs, targets, batch,
+                                                  clean_losses, grads, params)
+                    loss_sum, loss_rows = loss_sum + s, loss_rows + n
+                    rows_total += f
+                if self._assembler is not None:
+                    self._assembler.merge_all(functools.partial(_add, grads))
+        except _UsesChangedError:
+            if not retry:
+                raise ValueError(
+                    "the model used a site output that its clean forward left unused, or a "
+                    "parameter after the last site, in a noisy forward only (noise- or "
+                    "randomness-dependent control flow): ulr cannot tell which parts of the "
+                    "output need noise. Make the site's outputs used the same way in every "
+                    "forward, or choose a site that returns only what is used") from None
+            changed = True
         finally:
             if self._assembler is not None:
                 self._assembler.discard()  # after an error: wait for the tasks, drop them
-        if self.plan.needs_site_names and not self._fired <= set(site_names):
-            self._site_names = None
+        if retry and (changed or not self._fired <= self._probed):
+            # A site the clean pass had not met fired (input-dependent control flow): probe
+            # and learn the sites again, and start over.
+            self._probed = None
             self._restore(start[0])
             self.baseline.load_state_dict(start[1])
-            return self.loss_and_grads(loss_fn, inputs, targets)
+            with torch.no_grad():
+                for m, kept in buffers.items():  # the clean pass runs again
+                    for k, b in kept.items():
+                        m._buffers[k].copy_(b)
+            return self._step(loss_fn, inputs, targets, batch, retry=False)
 
         uncovered = [n for n, p in self._trainable() if p not in grads]
         if uncovered:
@@ -969,6 +1184,67 @@ class LikelihoodRatio:
                     p.grad.add_(g)
         self.last_forward_rows = rows_total
         return torch.tensor(loss_sum / loss_rows)
+
+    def _check_uses(self, probe: dict[str, list[tuple[str, dict[int, Tensor]]]],
+                    outputs: Any) -> None:
+        """Every use of a trainable parameter must lie before a site that turns it into a
+        gradient: refuse uses that reach the output past the last site, or the input of a
+        weight-noise site (which passes no gradient back); a closed-form site whose input
+        depends on a parameter needs autograd."""
+        trainable = {id(p): n for n, p in self._trainable()}
+        after = [trainable[i] for i in _graph_params(_tensors(outputs)) if i in trainable]
+        lost: dict[str, list[str]] = {}
+        for site, uses in probe.items():
+            for kind, found in uses:
+                hit = sorted({trainable[i] for i in found if i in trainable})
+                if hit and kind == "input":
+                    lost[site] = hit
+                elif hit and kind == "closed-input":
+                    self._needs_grad = True
+        if after:
+            raise ValueError(
+                f"the trainable parameters {sorted(set(after))} are used after the last noise "
+                f"site: that use reaches the model's output without passing a site, so the "
+                f"estimate cannot see it and their gradient would be wrong. Put a site after "
+                f"the use: make the output a site (sites=ulr.sites.param_owners() | "
+                f"ulr.sites.by_name(''), '' naming the root module), or pass the value through "
+                f"ulr.perturb(name, x) in forward and select it with ulr.sites.marked(name); "
+                f"or leave them out with exclude=[...]. Nothing was written to .grad")
+        if lost:
+            site, names = next(iter(lost.items()))
+            raise ValueError(
+                f"the trainable parameters {names} feed the input of the weight-noise site "
+                f"{site!r}, which passes no gradient to its input, so their gradient would be "
+                f"missed. Put a site between them and {site!r} (e.g. output noise on the "
+                f"module before it), or use output noise at {site!r}")
+
+    def _check_output(self, outputs: Any, run: _PassRun) -> None:
+        """In a noisy pass every path to the output passes a site: the output depends on no
+        trainable parameter and no site output that the clean pass found unused."""
+        found = _graph_params(_tensors(outputs))
+        if not found:
+            return
+        watched = {id(p) for _, p in self._trainable()} | {id(t) for t in run.tripwires}
+        if watched.intersection(found):
+            raise _UsesChangedError
+
+    def _learn_unused(self, leaves: list[tuple[str, tuple, Tensor]],
+                      probe: dict[str, list[tuple[str, dict[int, Tensor]]]],
+                      outputs: Any) -> None:
+        """Parts of nested site outputs (e.g. an LSTM's ``c_n``) that neither the output nor a
+        later site depends on get no noise: it would add variance and nothing else."""
+        found = set(_graph_params(_tensors(outputs)))
+        for uses in probe.values():
+            for _, hit in uses:
+                found.update(hit)
+        paths: dict[str, set[tuple]] = {}
+        used: dict[str, set[tuple]] = {}
+        for site, path, t in leaves:
+            paths.setdefault(site, set()).add(path)
+            if id(t) in found:
+                used.setdefault(site, set()).add(path)
+        self._unused = {site: ps - used.get(site, set()) for site, ps in paths.items()
+                        if ps - used.get(site, set())}
 
     def _no_site_error(self) -> ValueError:
         return ValueError(
@@ -990,6 +1266,10 @@ class LikelihoodRatio:
             "noise": {s.name: s.noise.log_scale.detach().clone() for s in sites
                       if s.noise.learnable},
             "site_names": None if self._site_names is None else list(self._site_names),
+            # what the first call's clean pass learnt: a resumed run need not probe again
+            "probe": None if self._probed is None else {
+                "sites": sorted(self._probed), "needs_grad": self._needs_grad,
+                "unused": {k: [list(p) for p in v] for k, v in self._unused.items()}},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1006,6 +1286,13 @@ class LikelihoodRatio:
         self.baseline.load_state_dict(state["baseline"])
         names = state.get("site_names")
         self._site_names = None if names is None else list(names)
+        probe = state.get("probe")
+        if probe is None or names is None:  # an older checkpoint: probe at the next call
+            self._probed, self._unused = None, {}
+        else:
+            self._probed = set(probe["sites"])
+            self._needs_grad = self._needs_grad or bool(probe["needs_grad"])
+            self._unused = {k: {tuple(p) for p in v} for k, v in probe["unused"].items()}
         sites = {s.name: s for s in self._module_sites.values()}
         for name, value in state.get("noise", {}).items():
             site = sites.get(name) or self._mark_site(name)
@@ -1023,4 +1310,55 @@ class LikelihoodRatio:
                 + ")")
 
 
-_MIXING_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+def _batch_norms_in_training(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+
+@contextlib.contextmanager
+def _capture_batch_stats(model: nn.Module, norms: list[nn.Module],
+                         stats: dict[nn.Module, tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """Note each train-mode BatchNorm's batch mean and (biased) variance as it runs."""
+    calls: dict[nn.Module, int] = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+        stats[module] = (mean, var)
+        calls[module] = calls.get(module, 0) + 1
+
+    handles = [m.register_forward_pre_hook(hook) for m in norms]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+    names = {m: n for n, m in model.named_modules()}
+    twice = [names[m] for m, c in calls.items() if c > 1]
+    if twice:
+        raise ValueError(
+            f"BatchNorm {twice} is called more than once per forward in training mode; ulr "
+            f"normalises the noisy copies with the clean batch's statistics of each BatchNorm, "
+            f"which needs one call per forward. Use one BatchNorm module per call, or run the "
+            f"estimate with model.eval()")
+
+
+@contextlib.contextmanager
+def _frozen_batch_stats(stats: dict[nn.Module, tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """Train-mode BatchNorms normalise every noisy row with the clean batch's statistics
+    (as in eval mode with those statistics in place of the running ones) and leave their
+    running statistics alone; restored on exit."""
+    saved = []
+    try:
+        for m, (mean, var) in stats.items():
+            saved.append((m, m.training, m._buffers["running_mean"], m._buffers["running_var"]))
+            kept = m._buffers["running_mean"]
+            dtype = kept.dtype if kept is not None else mean.dtype
+            m.training = False
+            m._buffers["running_mean"] = mean.to(dtype)
+            m._buffers["running_var"] = var.to(dtype)
+        yield
+    finally:
+        for m, training, mean, var in saved:
+            m.training = training
+            m._buffers["running_mean"], m._buffers["running_var"] = mean, var
