@@ -362,6 +362,7 @@ class Measured(NamedTuple):
     missing: list[str]  # trainable parameters left without a gradient
     layer_cosine: dict[str, float]  # per module, its parameters concatenated (as ulr train's
     #                                 --diag-every groups them)
+    forward_rows: int  # perturbed and clean rows the estimate ran, over all passes
 
 
 def cosines(case: Case, num_copies: int, seed: int = 0, **kwargs: Any) -> Measured:
@@ -390,4 +391,4 @@ def cosines(case: Case, num_copies: int, seed: int = 0, **kwargs: Any) -> Measur
     model.zero_grad(set_to_none=True)
     layer_cos = {k: F.cosine_similarity(torch.cat(g), torch.cat(t), dim=0).item()
                  for k, (g, t) in layers.items()}
-    return Measured(cos, ratio, missing, layer_cos)
+    return Measured(cos, ratio, missing, layer_cos, est.last_forward_rows)
