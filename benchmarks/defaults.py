@@ -208,7 +208,10 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) 
         f"more rows at the same K). Models: `tests/zoo.py` (batch 16) and `ulr.models.build` on "
         f"the first 32 training examples of the embedded digits. Floors (issue 13): cosine >= "
         f"{FLOOR} for every parameter at K = 4096; digits MLP first layer >= {DIGITS_FLOOR} at "
-        f"K = 256. An error is a library gap (the message is in the JSON).", "",
+        f"K = 256. An error is a library gap (the message is in the JSON). LR estimates the "
+        f"gradient of the σ-smoothed loss: a low cosine with a norm ratio well below 1 points at "
+        f"that smoothing bias (σ large for the model), one with a ratio above 1 at variance "
+        f"(too few copies).", "",
         f"Machine: {meta['machine']}; torch {meta['torch']}; seed {args.seed}; "
         f"{meta['seconds']} s. Reproduce: `{meta['command']}`.", "",
         "| " + " | ".join(head) + " |",
