@@ -15,6 +15,7 @@ BENCHMARKS += ["distributed.py"]
 BENCHMARKS += ["hybrid.py", "parallel_assembly.py", "domain_adaptation.py"]
 BENCHMARKS += ["robustness.py"]
 BENCHMARKS += ["finetune.py"]
+BENCHMARKS += ["defaults.py"]
 
 
 def test_coverage():
