@@ -2,7 +2,7 @@
 
 For every case of ``tests/zoo.py`` and for small instances of the library's reference models
 (``ulr.models.build`` on the embedded digits / sequential digits), one estimate by
-``ulr.LikelihoodRatio(model, num_copies=K)`` with the coming defaults (iid copies,
+``ulr.LikelihoodRatio(model, num_copies=K)`` with its defaults (iid copies,
 leave-one-out baseline, layer-wise plan, Gaussian σ = 0.1: ``zoo.defaults()``) is compared, per
 parameter, with autograd's gradient of the mean loss: min and mean cosine and the mean norm
 ratio ||estimate|| / ||autograd||. The old defaults (one pass over all sites, no baseline) are
