@@ -91,12 +91,17 @@ def _machine() -> str:
     return f"{name}, {torch.get_num_threads()} threads, CPU"
 
 
-def measure(name: str, config: str, copies: int, seed: int) -> dict[str, Any]:
-    """One estimate of model ``name`` with configuration ``config`` at ``copies`` copies."""
+def measure(name: str, config: str, copies: int, seed: int,
+            sigma: float | None = None) -> dict[str, Any]:
+    """One estimate of model ``name`` with configuration ``config`` at ``copies`` copies
+    (``sigma``: a Gaussian of that scale instead of the configuration's noise)."""
     case = MODELS[name](seed)
     started = time.perf_counter()
+    kwargs = CONFIGS[config]()
+    if sigma is not None:
+        kwargs["noise"] = ulr.Gaussian(sigma)
     try:
-        m = zoo.cosines(case, copies, seed=seed, **CONFIGS[config]())
+        m = zoo.cosines(case, copies, seed=seed, **kwargs)
     except Exception as err:  # a library gap: recorded, the run goes on
         return {"error": f"{type(err).__name__}: {err}",
                 "seconds": round(time.perf_counter() - started, 3)}
@@ -128,6 +133,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    help="models whose name contains one of these strings")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sigma", type=float, default=None,
+                   help="Gaussian noise of this scale in every configuration instead of the "
+                        "default 0.1 (results go to defaults-cpu-sigma<S>.*)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     p.add_argument("--smoke", action="store_true", help="K = 16, four models")
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for name, copies, floor in jobs:
         row: dict[str, Any] = {"model": name, "copies": copies, "floor": floor}
         for config in args.configs:
-            row[config] = measure(name, config, copies, args.seed)
+            row[config] = measure(name, config, copies, args.seed, args.sigma)
         rows.append(row)
         print(_line(row, args.configs), flush=True)
     write(rows, args, time.time() - started)
@@ -187,12 +195,17 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) 
     meta = {"machine": _machine(), "torch": torch.__version__, "ulr": ulr.__version__,
             "threads": args.threads, "seed": args.seed, "copies": args.copies,
             "digits_copies": args.digits_copies, "seconds": round(seconds, 1),
-            "new": "LikelihoodRatio(model, num_copies=K, baseline=leave_one_out(), "
-                   "plan=layerwise())  [iid, Gaussian(0.1)]",
+            "new": "LikelihoodRatio(model, num_copies=K)  [the defaults: iid, "
+                   "leave_one_out(), layerwise(), Gaussian(0.1)]",
             "old": "LikelihoodRatio(model, num_copies=K, sampler=iid(), baseline=none(), "
                    "plan=all_sites(), noise=Gaussian(0.1))",
+            "sigma": args.sigma,
             "command": " ".join(["python benchmarks/defaults.py", *argv]).strip()}
     stem = "defaults-smoke" if args.smoke else "defaults-cpu"
+    if args.sigma is not None:
+        stem += f"-sigma{args.sigma:g}"
+        meta["new"] = meta["new"].replace("Gaussian(0.1)", f"Gaussian({args.sigma:g})")
+        meta["old"] = meta["old"].replace("Gaussian(0.1)", f"Gaussian({args.sigma:g})")
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     configs = [c for c in ("new", "old") if c in args.configs]
     head = ["model", "K"]
