@@ -22,9 +22,17 @@ have_wordnet() {
     [ -f "$WORDNET_FILE" ]
 }
 
+have() {  # PACKAGE: is its data here?
+    case "$1" in
+        dataset-fashion-mnist) have_fashion ;;
+        wordnet-base) have_wordnet ;;
+    esac
+}
+
 missing=
-have_fashion || missing="$missing dataset-fashion-mnist"
-have_wordnet || missing="$missing wordnet-base"
+for pkg in dataset-fashion-mnist wordnet-base; do
+    have "$pkg" || missing="$missing $pkg"
+done
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
@@ -33,19 +41,31 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     exit 0
 fi
 
+# A package dpkg lists as installed whose files are gone (removed, or hidden from this process)
+# is not reinstalled: apt-get install would do nothing for it.
+to_install=
+for pkg in $missing; do
+    if [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" = "install ok installed" ]; then
+        echo "warning: install-data: $pkg is installed but its files are missing;" \
+             "the tests that need it skip (apt-get install --reinstall $pkg restores them)"
+    else
+        to_install="$to_install $pkg"
+    fi
+done
+[ -z "$to_install" ] && exit 0
+
 if ! apt-get update -qq; then
     echo "warning: install-data: apt-get update failed; trying the install anyway"
 fi
-for pkg in $missing; do
-    if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" \
+for pkg in $to_install; do
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" \
             >/dev/null; then
-        echo "install-data: apt-get install $pkg: done"
-    else
         echo "warning: install-data: could not install $pkg; the tests that need it skip"
+    elif have "$pkg"; then
+        echo "install-data: installed $pkg"
+    else
+        echo "warning: install-data: installed $pkg, but its data is still missing;" \
+             "the tests that need it skip"
     fi
 done
-have_fashion || echo "warning: install-data: Fashion-MNIST still missing from $FASHION_DIR;" \
-    "the tests that need it skip"
-have_wordnet || echo "warning: install-data: WordNet still missing ($WORDNET_FILE);" \
-    "the tests that need it skip"
 exit 0
