@@ -402,3 +402,29 @@ def test_defaults_are_the_best_measured_configuration(mlp):
     from ulr.config import RunConfig
     assert (RunConfig().sampler, RunConfig().baseline, RunConfig().plan) == (
         "iid", "leave-one-out", "layerwise")
+
+
+def test_a_path_taken_only_without_autograd_is_caught_in_replay():
+    """Some modules take another path under no_grad (e.g. nn.TransformerEncoderLayer's fused
+    eval-mode kernel, which skips its submodules' hooks): replay's loss forward would then
+    miss sites that its gradient forward meets."""
+    torch.manual_seed(0)
+
+    class GradDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin1, self.norm, self.lin2 = nn.Linear(6, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            if torch.is_grad_enabled():
+                h = self.lin1(x)
+            else:  # a "fused" path: the same function, no module call, no hook
+                h = F.linear(x, self.lin1.weight, self.lin1.bias)
+            return self.lin2(self.norm(h))
+
+    model = GradDependent()
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match="fast path"):
+        ulr.LikelihoodRatio(model, num_copies=4, memory="replay").loss_and_grads(ce, x, y)
+    assert all(p.grad is None for p in model.parameters())
+    ulr.LikelihoodRatio(model, num_copies=4).loss_and_grads(ce, x, y)  # store: one forward

@@ -1021,10 +1021,11 @@ class LikelihoodRatio:
             with torch.no_grad():
                 out, run = forward((0, k), False)
                 losses = losses_of(out, run)
-            del out, run
+            del out
             self._restore(start)
-            self._forward(spec, inputs, batch, copies=(0, k), expand=expand, record=False,
-                          weights=weights_of(losses, (0, k)), sink=sink)
+            _, again = self._forward(spec, inputs, batch, copies=(0, k), expand=expand,
+                                     record=False, weights=weights_of(losses, (0, k)), sink=sink)
+            _same_sites(run, again)
             return float(losses.sum()), losses.numel(), 2 * k * batch
         chunks = [(c, min(c + self.chunk_size, k)) for c in range(0, k, self.chunk_size)]
         # The noise stream restarts for every chunk (each chunk takes its copies' rows of the
@@ -1042,18 +1043,20 @@ class LikelihoodRatio:
                 self._assemble(run.records, run, weights_of(losses, ch), grads, wanted, params)
                 total, count = total + float(losses.sum()), count + losses.numel()
             return total, count, k * batch
-        parts = []
+        parts, first = [], None
         for ch in chunks:
             self._restore((*start[:2], model_rng[-1], *start[3:]))
             with torch.no_grad():
                 out, run = forward(ch, False)
                 parts.append(losses_of(out, run))
+            first = first or run
             model_rng.append(_model_rng_state())
         losses = torch.cat(parts)
         weights = weights_of(losses, (0, k))
         for ch, rng in zip(chunks, model_rng, strict=False):
             self._restore((*start[:2], rng, *start[3:]))
             _, run = forward(ch, True)
+            _same_sites(first, run)
             self._assemble(run.records, run, weights[ch[0] * batch:ch[1] * batch], grads,
                            wanted, params)
         return float(losses.sum()), losses.numel(), 2 * k * batch
@@ -1308,6 +1311,18 @@ class LikelihoodRatio:
                 f"sampler={self.sampler!r}, baseline={self.baseline!r}, plan={self.plan!r}, "
                 f"memory={self.memory!r}" + (f", workers={self.workers}" if self.workers else "")
                 + ")")
+
+
+def _same_sites(losses_run: _PassRun, grads_run: _PassRun) -> None:
+    """The forward that computed the losses (without autograd) and the one that turns the
+    sites into gradients must meet the same sites."""
+    if list(losses_run.fired) != list(grads_run.fired):
+        raise ValueError(
+            f"the model met other noise sites without autograd ({list(losses_run.fired)}) than "
+            f"with it ({list(grads_run.fired)}), e.g. the fast path that nn.TransformerEncoder"
+            f"Layer takes in eval mode under no_grad, which skips its submodules' hooks; the "
+            f"losses would not match the gradient terms. Use memory='store', or sites that "
+            f"fire on both paths (e.g. the encoder layer itself)")
 
 
 def _batch_norms_in_training(model: nn.Module) -> list[nn.Module]:
