@@ -3,7 +3,7 @@
 The loop is an ordinary PyTorch loop; only the line that computes gradients differs:
 `est.loss_and_grads(...)` replaces `loss.backward()`.
 
-    python examples/quickstart.py            # ~5 s on 2 cores, ~97% test accuracy
+    python examples/quickstart.py            # ~10 s on 2 cores, ~98% test accuracy
     python examples/quickstart.py --smoke    # a few steps, for CI
 """
 
