@@ -6,6 +6,7 @@ Noise is injected at chosen sites of any PyTorch model; from noisy forward passe
 """
 
 from . import baselines, functional, hybrid, plans, samplers, sites
+from .allocator import tune_allocator
 from .estimator import LikelihoodRatio, replicate
 from .noise import Gaussian, Laplace, Logistic, Noise, WeightNoise, weight_noise
 from .samplers import antithetic, iid, sobol
@@ -40,6 +41,7 @@ __all__ = [
     "perturb",
     "copy_layout",
     "replicate",
+    "tune_allocator",
     "baselines",
     "functional",
     "hybrid",

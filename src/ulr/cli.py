@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .allocator import tune_allocator_for_cli
 from .config import (
     METHODS,
     TABLES,
@@ -511,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    tune_allocator_for_cli()  # no page faults from per-step buffers (docs/performance.md)
     if args.command == "train":
         return _train_processes(args, argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
