@@ -315,7 +315,8 @@ class _Sobol(Sampler):
 
 
 def iid() -> Sampler:
-    """Independent noise for every copy and every example (the plain Monte Carlo estimator)."""
+    """Independent noise for every copy and every example (the plain Monte Carlo estimator;
+    the estimator's default: with a baseline as good as antithetic pairs or better)."""
     return _IID()
 
 
