@@ -331,3 +331,25 @@ def test_noise_sample_into_out():
     assert got is out and torch.equal(out, want)
     with pytest.raises(ValueError, match=r"contiguous tensor of shape \(4, 5\)"):
         ulr.Gaussian(0.1).sample((4, 5), out=torch.empty(5, 4))
+
+
+@pytest.mark.parametrize("name", ["lstm-bidir-2layer", "gru-h_n", "mha-seq-first",
+                                  "rnn-seq-first"])
+def test_modes_and_workers_agree_on_sites_with_nested_outputs(name):
+    """torch's recurrent modules and attention as sites (several outputs, batch in dim 1, parts
+    left unused): replay, chunked and parallel assembly give the store estimate."""
+    from zoo import ZOO
+
+    grads = {}
+    for mode, kw in [("store", {}), ("replay", {"memory": "replay"}),
+                     ("chunked", {"memory": "chunked", "chunk_size": 24}),
+                     ("workers", {"workers": 2})]:
+        case = ZOO[name](0)
+        est = ulr.LikelihoodRatio(case.model, num_copies=64,
+                                  generator=torch.Generator().manual_seed(0), **kw)
+        args = case.inputs if isinstance(case.inputs, tuple) else (case.inputs,)
+        est.loss_and_grads(case.loss_fn, args, case.targets)
+        grads[mode] = [p.grad for p in case.model.parameters()]
+    for mode in ("replay", "chunked", "workers"):
+        for got, want in zip(grads[mode], grads["store"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
