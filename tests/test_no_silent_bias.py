@@ -428,3 +428,16 @@ def test_a_path_taken_only_without_autograd_is_caught_in_replay():
         ulr.LikelihoodRatio(model, num_copies=4, memory="replay").loss_and_grads(ce, x, y)
     assert all(p.grad is None for p in model.parameters())
     ulr.LikelihoodRatio(model, num_copies=4).loss_and_grads(ce, x, y)  # store: one forward
+
+
+def test_inputs_that_require_grad_are_fine():
+    """An input with requires_grad (e.g. for an input-gradient elsewhere) is no parameter use:
+    weight-noise and output-noise sites take it as it is."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(4, 6, requires_grad=True), torch.randint(0, 3, (4,))
+    for noise in (ulr.Gaussian(0.1), {"0": ulr.weight_noise(ulr.Gaussian(0.01)),
+                                      "*": ulr.Gaussian(0.1)}):
+        model.zero_grad(set_to_none=True)
+        ulr.LikelihoodRatio(model, num_copies=8, noise=noise).loss_and_grads(ce, x, y)
+        assert all(p.grad is not None for p in model.parameters())

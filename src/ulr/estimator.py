@@ -318,6 +318,12 @@ class _PassRun:
 
         return _map_floats(value, stand_in, site.name)
 
+    def _watched(self, x: Tensor) -> bool:
+        """Whether ``x`` depends on a trainable parameter or a tripwire (since the last site)."""
+        found = _graph_params([x])
+        return any(i in found for i in self.est._watched_ids()) or any(
+            id(t) in found for t in self.tripwires)
+
     def _tripwire(self, t: Tensor) -> Tensor:
         t = t.detach()
         if self.grad_enabled and self.spec is not None:
@@ -463,8 +469,8 @@ class _PassRun:
         module = site.module
         if not isinstance(x, Tensor):
             raise TypeError(f"weight-noise site {site.name!r} must be called with one tensor")
-        if x.requires_grad:  # a parameter or an unused site output feeds it (see _check_uses)
-            raise _UsesChangedError
+        if x.requires_grad and self._watched(x):
+            raise _UsesChangedError  # a parameter or an unused site output feeds it
         x = x.detach()
         if shared:
             x = replicate(x, self.num_copies)
@@ -1227,9 +1233,12 @@ class LikelihoodRatio:
         found = _graph_params(_tensors(outputs))
         if not found:
             return
-        watched = {id(p) for _, p in self._trainable()} | {id(t) for t in run.tripwires}
+        watched = self._watched_ids() | {id(t) for t in run.tripwires}
         if watched.intersection(found):
             raise _UsesChangedError
+
+    def _watched_ids(self) -> set[int]:
+        return {id(p) for _, p in self._trainable()}
 
     def _learn_unused(self, leaves: list[tuple[str, tuple, Tensor]],
                       probe: dict[str, list[tuple[str, dict[int, Tensor]]]],
