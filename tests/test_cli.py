@@ -257,3 +257,37 @@ def test_site_sigma_flags_come_before_the_file_and_zero_one_loss(tmp_path, capsy
     assert main(["train", "--site-sigma", "out", "--out", str(tmp_path / "y")]) == 2
     assert "--site-sigma needs PATTERN=SIGMA" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    """The default run directory is created exclusively and names the seed: two commands in
+    the same second never share one (they used to interleave metrics.jsonl)."""
+    from ulr.cli import _new_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("ulr.cli.time.strftime", lambda fmt: "20261205-090948")
+    a = _new_dir(["mlp", "digits", "ulr", "seed0"])
+    b = _new_dir(["mlp", "digits", "ulr", "seed0"])
+    assert a != b and a.is_dir() and b.is_dir()
+    assert (a.name, b.name) == ("20261205-090948-mlp-digits-ulr-seed0",
+                                "20261205-090948-mlp-digits-ulr-seed0-2")
+
+
+def test_a_run_directory_in_use_is_refused_and_left_alone(tmp_path, capsys):
+    """A second writer of one directory (a parallel --resume, or --out of a running run)
+    stops before it writes anything."""
+    import fcntl
+    import os
+
+    from ulr.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `ulr train` holds it
+        code = main(["train", "--method", "ulr", "--max-steps", "1", "--out", str(run)])
+    finally:
+        os.close(fd)
+    assert code == 2 and not any(run.iterdir())
+    assert "is in use by another ulr process; nothing was changed" in capsys.readouterr().err

@@ -105,7 +105,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def _add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
     group = parser.add_argument_group("output")
     group.add_argument("--out", metavar="DIR", help=(
-        f"{what} (default: runs/<timestamp>-<model>-<data>-<method>). Must be new or empty."))
+        f"{what} (default: runs/<timestamp>-<model>-<data>-<method>-seed<N>, created anew). "
+        f"Must be new or empty; a directory that another ulr process is writing is refused."))
     group.add_argument("--resume", metavar="DIR", help=(
         "Continue the run (or the runs of a comparison) in DIR from its last checkpoint, "
         "bit-identically. Only --epochs, --max-steps, --threads, --diag-every and "
@@ -278,11 +279,17 @@ def _layer(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _new_dir(parts: Sequence[str]) -> Path:
+    """A new directory under runs/, created here and exclusively: two commands started in the
+    same second get two directories (the second gets a -2 suffix), never one."""
     stem = "-".join([time.strftime("%Y%m%d-%H%M%S"), *parts])
     path, n = Path("runs") / stem, 2
-    while path.exists():
-        path, n = Path("runs") / f"{stem}-{n}", n + 1
-    return path
+    Path("runs").mkdir(exist_ok=True)
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            path, n = Path("runs") / f"{stem}-{n}", n + 1
 
 
 def _check_fresh(path: Path) -> None:
@@ -342,7 +349,7 @@ def _plan_resume(path: Path, overrides: dict[str, Any]) -> tuple[list[_Planned],
 
 
 def _execute(planned: list[_Planned], group: Path | None, *, quiet: bool,
-             plots: bool) -> int:
+             plots: bool, created: bool = False) -> int:
     from .distributed import rank
     from .train import ConsoleProgress, TrainingInterrupted, fit, format_table
 
@@ -356,6 +363,8 @@ def _execute(planned: list[_Planned], group: Path | None, *, quiet: bool,
     except Exception:
         if group is not None and not summaries and leader:
             _remove_if_unused(group)
+        elif created and leader and not any(planned[0].dir.iterdir()):
+            planned[0].dir.rmdir()  # the directory this command made, still empty
         raise
     except TrainingInterrupted as e:
         if not leader:
@@ -411,14 +420,15 @@ def _train(args: argparse.Namespace) -> int:
     methods = [c.method for c in configs]
 
     def plan() -> tuple[list[_Planned], Path | None]:
-        out = Path(args.out) if args.out else _new_dir([first.model, first.data, *methods])
+        out = Path(args.out) if args.out else _new_dir(
+            [first.model, first.data, *methods, f"seed{first.seed}"])
         if len(configs) == 1:
             _check_fresh(out)
             return [_Planned(first.method, first, out)], None
         return _plan_group(out, methods, configs, "train"), out
 
     planned, group = on_rank0(plan)
-    return _execute(planned, group, quiet=quiet, plots=args.plots)
+    return _execute(planned, group, quiet=quiet, plots=args.plots, created=not args.out)
 
 
 def _rank_main(rank: int, world_size: int, argv: list[str]) -> None:
@@ -472,7 +482,8 @@ def _compare(args: argparse.Namespace) -> int:
     if len(same) > 1:
         print(f"note: the runs differ in (model, data, seed): {sorted(same)}", file=sys.stderr)
     first = configs[0]
-    parts = ["compare", first.model, first.data] if len(same) == 1 else ["compare"]
+    parts = (["compare", first.model, first.data, f"seed{first.seed}"] if len(same) == 1
+             else ["compare"])
     out = Path(args.out) if args.out else _new_dir(parts)
     planned = _plan_group(out, labels, configs, "compare")
     return _execute(planned, out, quiet=args.quiet, plots=args.plots)

@@ -98,6 +98,25 @@ _STREAMS = {"init": 1, "data": 2, "noise": 3, "global": 4}
 _NOISES = {"gaussian": Gaussian, "laplace": Laplace, "logistic": Logistic}
 
 
+def _lock_run_dir(run_dir: Path, stack: contextlib.ExitStack) -> None:
+    """Own ``run_dir`` until ``stack`` closes: an exclusive, non-blocking ``flock`` on the
+    directory itself (no file is left behind), so that a second run or ``--resume`` of the
+    same directory stops before it writes anything (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CheckpointError(
+            f"run directory {run_dir} is in use by another ulr process; nothing was changed. "
+            f"Wait for it to finish, or choose another --out") from None
+    stack.callback(os.close, fd)  # closing the descriptor releases the lock
+
+
 class CheckpointError(RuntimeError):
     """A run directory cannot be resumed (missing, corrupt or mismatched checkpoint) or would
     be overwritten. Nothing in the directory has been changed when this is raised."""
@@ -889,6 +908,7 @@ class _Trainer:
         if run_dir is None or not self.writer:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        _lock_run_dir(run_dir, stack)
         if self.resumed:
             prog = self.prog
             keep = [r for r in _read_rows(run_dir / METRICS)
