@@ -291,3 +291,47 @@ def test_a_run_directory_in_use_is_refused_and_left_alone(tmp_path, capsys):
         os.close(fd)
     assert code == 2 and not any(run.iterdir())
     assert "is in use by another ulr process; nothing was changed" in capsys.readouterr().err
+
+
+def _run_until_first_epoch(args, run, timeout=120):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # as a shell starts a background job: its own session, SIGINT ignored
+    proc = subprocess.Popen([sys.executable, "-m", "ulr", "train", "--method", "ulr",
+                             "--epochs", "500", "--quiet", "--out", str(run), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and '"kind": "epoch"' in metrics.read_text():
+            return proc
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("no epoch finished in time")
+
+
+@pytest.mark.parametrize("signame,args", [("SIGTERM", []), ("SIGINT", ["--nproc", "2"])])
+def test_a_stop_signal_leaves_a_resumable_run(tmp_path, signame, args):
+    """SIGTERM (a scheduler's stop) ends a run like Ctrl-C, and SIGINT sent to the --nproc
+    launcher's pid alone reaches every rank: rc 130, the last checkpoint kept, --resume goes
+    on."""
+    import json
+    import signal
+
+    from ulr.cli import main
+
+    run = tmp_path / "run"
+    proc = _run_until_first_epoch(args, run)
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "keeps the last checkpoint" in err
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["status"] == "complete"

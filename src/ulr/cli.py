@@ -524,6 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     tune_allocator_for_cli()  # no page faults from per-step buffers (docs/performance.md)
+    _terminate_as_interrupt()
     if args.command == "train":
         return _train_processes(args, argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -545,6 +546,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nulr {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a scheduler's or ``kill``'s stop) and SIGINT end a run like Ctrl-C: the run
+    directory keeps its last checkpoint and ``--resume`` continues it. SIGINT too, because a
+    shell starts background jobs with SIGINT ignored, and ``kill -INT`` should still stop them."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler)
 
 
 def _train_processes(args: argparse.Namespace, argv: list[str]) -> int:

@@ -61,6 +61,7 @@ import contextlib
 import datetime
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -536,6 +537,10 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
 
 def _entry(local_rank: int, fn: Callable, nprocs: int, store: str, backend: str,
            timeout_s: float, args: tuple, result_dir: str | None) -> None:
+    # A process group of its own: a Ctrl-C at the terminal reaches the launcher only, which
+    # passes it on once to every rank (see launch), as a kill of the launcher's pid does.
+    with contextlib.suppress(OSError):
+        os.setpgrp()
     os.environ.update({"RANK": str(local_rank), "LOCAL_RANK": str(local_rank),
                        "WORLD_SIZE": str(nprocs), "ULR_DIST_INIT": f"file://{store}",
                        "ULR_DIST_TIMEOUT": str(timeout_s)})
@@ -566,8 +571,10 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, backend: str | None 
     ``fn`` must be importable (a module-level function); its results are passed back through
     ``torch.save`` (``results=False`` skips that). A collective fails after ``timeout_s``
     instead of hanging; with ``deadline_s`` the launcher terminates every process and raises
-    ``TimeoutError`` once that much time has passed. On Ctrl-C the processes (which got the
-    signal too) have 30 s to save and exit before they are terminated.
+    ``TimeoutError`` once that much time has passed. On Ctrl-C the launcher passes the signal
+    to every process once (they run in process groups of their own, so a terminal's Ctrl-C and
+    a ``kill -INT`` of the launcher act alike); they have 30 s to save and exit before they are
+    terminated.
 
     Raises:
         torch.multiprocessing.ProcessRaisedException: a rank raised (its traceback is in the
@@ -596,6 +603,10 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, backend: str | None 
                     raise TimeoutError(f"the {nprocs} processes did not finish within "
                                        f"{deadline_s:.0f} s; they were terminated")
         except KeyboardInterrupt:
+            for p in ctx.processes:  # each rank saves its checkpoint and exits
+                if p.is_alive():
+                    with contextlib.suppress(OSError):
+                        os.kill(p.pid, signal.SIGINT)
             grace = time.monotonic() + 30
             for p in ctx.processes:
                 p.join(max(0.0, grace - time.monotonic()))
