@@ -335,3 +335,39 @@ def test_a_stop_signal_leaves_a_resumable_run(tmp_path, signame, args):
     assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs_completed"] == 2 and summary["status"] == "complete"
+
+
+def test_max_steps_zero_lifts_the_limit_on_resume(tmp_path, capsys):
+    import json
+
+    from ulr.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--method", "ulr", "--max-steps", "3", "--epochs", "1", "--quiet",
+                 "--out", str(run)]) == 0
+    before = (run / "metrics.jsonl").read_text()
+    # the same limit again would do nothing: refused, nothing changed
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert "stopped at max_steps=3" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == before
+    assert main(["train", "--resume", str(run), "--max-steps", "0", "--quiet"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["steps"] == 41  # one digits epoch
+
+
+def test_out_with_resume_and_an_out_that_is_a_file_are_refused(tmp_path, capsys):
+    from ulr.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--method", "ulr", "--max-steps", "1", "--quiet",
+                 "--out", str(run)]) == 0
+    assert main(["train", "--resume", str(run), "--out", str(tmp_path / "x")]) == 2
+    assert "--out cannot be combined with --resume" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["train", "--method", "ulr", "--max-steps", "1", "--out", str(afile)]) == 2
+    assert "is a file; choose another --out" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+    under = afile / "run"  # a path through a file: the OS error in one line, rc 2
+    assert main(["train", "--method", "ulr", "--max-steps", "1", "--out", str(under)]) == 2
+    assert "Not a directory" in capsys.readouterr().err

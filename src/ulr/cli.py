@@ -293,7 +293,9 @@ def _new_dir(parts: Sequence[str]) -> Path:
 
 
 def _check_fresh(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output directory {path} is a file; choose another --out")
+    if path.exists() and any(path.iterdir()):
         raise ConfigError(f"output directory {path} already exists and is not empty; choose "
                           f"another --out, or continue it with --resume {path}")
 
@@ -320,6 +322,30 @@ def _plan_group(group: Path, labels: list[str], configs: list[RunConfig],
     return planned
 
 
+def _no_out_on_resume(args: argparse.Namespace) -> None:
+    if args.out:
+        raise ConfigError(f"--out cannot be combined with --resume: the run goes on in its own "
+                          f"directory {args.resume}; drop --out (or copy the directory first)")
+
+
+def _check_not_spent(run_dir: Path, config: RunConfig) -> None:
+    """Resuming a run that stopped at max_steps with the same limit would do nothing."""
+    from .train import SUMMARY
+
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return
+    steps = summary.get("steps")
+    stopped = str(summary.get("status", "")).startswith("stopped at max_steps")
+    if stopped and config.max_steps is not None and isinstance(steps, int) \
+            and config.max_steps <= steps:
+        raise ConfigError(
+            f"{run_dir} stopped at max_steps={steps}; resuming with max_steps="
+            f"{config.max_steps} would do nothing. Pass a larger --max-steps, or --max-steps 0 "
+            f"for no limit")
+
+
 def _plan_resume(path: Path, overrides: dict[str, Any]) -> tuple[list[_Planned], Path | None]:
     from .train import CHECKPOINT, CONFIG_JSON, resume_config
 
@@ -328,6 +354,7 @@ def _plan_resume(path: Path, overrides: dict[str, Any]) -> tuple[list[_Planned],
                           "method")
     if (path / CONFIG_JSON).is_file() or (path / CHECKPOINT).is_file():
         config = resume_config(path, overrides)
+        _check_not_spent(path, config)
         return [_Planned(config.method, config, path, resume=True)], None
     group_file = path / GROUP_FILE
     if not group_file.is_file():
@@ -412,6 +439,7 @@ def _train(args: argparse.Namespace) -> int:
     # Under several processes, rank 0 alone names, checks and creates the directories.
     quiet = args.quiet or rank() > 0
     if args.resume:
+        _no_out_on_resume(args)
         planned, group = on_rank0(_plan_resume, Path(args.resume), _layer(file_values, flags))
         return _execute(planned, group, quiet=quiet, plots=args.plots)
     values = _layer({"method": DEFAULT_METHODS, **file_values}, flags)
@@ -462,6 +490,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
 def _compare(args: argparse.Namespace) -> int:
     flags = _flag_values(args)
     if args.resume:
+        _no_out_on_resume(args)
         planned, group = _plan_resume(Path(args.resume), flags)
         return _execute(planned, group or Path(args.resume), quiet=args.quiet,
                         plots=args.plots)
@@ -537,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return command(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ImportError, ValueError,
+    except (ConfigError, CheckpointError, OSError, ImportError, ValueError,
             TypeError) as e:
         if os.environ.get("ULR_TRACEBACK"):
             raise
@@ -586,7 +615,7 @@ def _train_processes(args: argparse.Namespace, argv: list[str]) -> int:
 
     try:
         return _train(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ImportError, ValueError,
+    except (ConfigError, CheckpointError, OSError, ImportError, ValueError,
             TypeError) as e:
         if os.environ.get("ULR_TRACEBACK"):
             raise

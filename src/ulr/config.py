@@ -300,8 +300,8 @@ class RunConfig:
     max_steps: int | None = field(default=None, metadata=_meta(
         "optimisation",
         "Stop after this many optimizer steps in total (smoke tests); the run still evaluates "
-        "and writes a resumable checkpoint.", check=_at_least(1), rule=">= 1",
-        default_text="no limit"))
+        "and writes a resumable checkpoint. 0: no limit (lifts an earlier limit on --resume).",
+        check=_at_least(0), rule=">= 0 (0: no limit)", default_text="no limit"))
 
     # -- run -------------------------------------------------------------------------------------
     seed: int = field(default=0, metadata=_meta(
@@ -338,6 +338,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name), "RunConfig"))
+        if self.max_steps == 0:  # 0 spells "no limit" where None cannot be written
+            object.__setattr__(self, "max_steps", None)
         object.__setattr__(self, "method_args", _own_method_args(self.method, self.method_args))
         if self.loss == "zero-one":
             pure_bp = self.method == "ulr" and self.blocks == 0
