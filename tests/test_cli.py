@@ -11,6 +11,7 @@ from ulr.config import keys
 
 FAST = ["--threads", "1", "--device", "cpu", "--quiet", "--batch-size", "128",
         "--num-copies", "8"]
+NO_ULR = FAST[:-2]  # runs without the ulr method: a ULR option would be refused
 
 
 def config_of(run_dir):
@@ -81,7 +82,7 @@ def test_default_train_is_the_verified_ulr_vs_bp_setting(tmp_path, capsys):
 def test_train_single_method_conv_model(tmp_path, capsys, method):
     out = tmp_path / method
     assert main(["train", "--method", method, "--model", "lenet5", "--max-steps", "2",
-                 *FAST, "--out", str(out)]) == 0
+                 *(FAST if method == "ulr" else NO_ULR), "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} >= {"checkpoint.pt", "metrics.jsonl",
                                                  "summary.json", "config.toml"}
     summary = json.loads((out / "summary.json").read_text())
@@ -134,7 +135,7 @@ def test_resume_via_cli_and_refused_change(tmp_path, capsys):
     assert snapshot(run) == before
     assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
     assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 2
-    assert main(["train", "--method", "bp", "--epochs", "1", *FAST, "--out", str(run)]) == 2
+    assert main(["train", "--method", "bp", "--epochs", "1", *NO_ULR, "--out", str(run)]) == 2
     assert "already exists" in capsys.readouterr().err
 
 
@@ -214,7 +215,7 @@ def test_peer_methods_with_per_method_arguments(tmp_path):
     out = tmp_path / "cmp"
     assert main(["train", "--config", str(cfg), "--method", "es", "spsa", "--max-steps", "2",
                  "--method-arg", "es.population=4", "--method-arg", "spsa.num_directions=3",
-                 *FAST, "--out", str(out)]) == 0
+                 *NO_ULR, "--out", str(out)]) == 0
     es, spsa = config_of(out / "es"), config_of(out / "spsa")
     assert es["method_args"] == {"population": 4, "sigma": 0.05}
     assert spsa["method_args"] == {"num_directions": 3}
@@ -329,7 +330,7 @@ def test_a_stop_signal_leaves_a_resumable_run(tmp_path, signame, args):
     run = tmp_path / "run"
     proc = _run_until_first_epoch(args, run)
     proc.send_signal(getattr(signal, signame))
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "keeps the last checkpoint" in err
     assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
@@ -371,3 +372,24 @@ def test_out_with_resume_and_an_out_that_is_a_file_are_refused(tmp_path, capsys)
     under = afile / "run"  # a path through a file: the OS error in one line, rc 2
     assert main(["train", "--method", "ulr", "--max-steps", "1", "--out", str(under)]) == 2
     assert "Not a directory" in capsys.readouterr().err
+
+
+def test_ulr_options_for_a_run_without_ulr_are_refused(tmp_path, capsys):
+    """--num-copies given to ES alone would be recorded although ES ignores it."""
+    import json
+
+    from ulr.cli import main
+
+    out = tmp_path / "es"
+    assert main(["train", "--method", "es", "--num-copies", "64", "--max-steps", "1",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "num_copies only changes the ULR estimator" in err and "es.population" in err
+    assert not out.exists()
+    # bp-noise reads the noise options; a peer records the settings it really used
+    assert main(["train", "--method", "bp-noise", "--sigma", "0.2", "--max-steps", "1",
+                 "--quiet", "--out", str(tmp_path / "bpn")]) == 0
+    assert main(["train", "--method", "es", "--method-arg", "population=8", "--max-steps", "1",
+                 "--quiet", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "population=8" in summary["estimator"]

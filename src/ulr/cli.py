@@ -26,6 +26,7 @@ from .config import (
     TABLES,
     ConfigError,
     RunConfig,
+    check_options_used,
     check_values,
     configs_from_values,
     field_help,
@@ -446,6 +447,8 @@ def _train(args: argparse.Namespace) -> int:
     configs = configs_from_values(values, args.config or "command line")
     first = configs[0]
     methods = [c.method for c in configs]
+    check_options_used(flags, methods, "command line")
+    check_options_used(file_values, methods, str(args.config))
 
     def plan() -> tuple[list[_Planned], Path | None]:
         out = Path(args.out) if args.out else _new_dir(

@@ -40,7 +40,7 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,26 @@ METHODS = ("ulr", "bp", "bp-noise", *PEERS)
 LOSSES = ("auto", "zero-one")
 #: The methods that need no gradient of the loss, and so train on the 0-1 loss.
 GRADIENT_FREE = ("ulr", "es", "spsa")
+#: Options that only the ULR estimator reads; bp-noise reads the first five (its noise).
+NOISE_OPTIONS = ("noise", "sigma", "site_sigma", "sites", "recommended")
+ULR_OPTIONS = (*NOISE_OPTIONS, "num_copies", "sampler", "baseline", "baseline_decay", "plan",
+               "blocks", "memory", "chunk_size", "workers", "exchange")
+
+
+def check_options_used(keys: Iterable[str], methods: Sequence[str], source: str) -> None:
+    """Refuse ULR options given for a run in which no method reads them (``--num-copies 64
+    --method es`` would be recorded although ES ignores it)."""
+    def used(key: str) -> bool:
+        return any(m == "ulr" or (m == "bp-noise" and key in NOISE_OPTIONS) for m in methods)
+
+    unused = [k for k in keys if k in ULR_OPTIONS and not used(k)]
+    if unused:
+        raise ConfigError(
+            f"{source}: {', '.join(unused)} only change{'s' if len(unused) == 1 else ''} the "
+            f"ULR estimator, but this run trains {', '.join(methods)}, which ignore"
+            f"{'s' if len(methods) == 1 else ''} {'it' if len(unused) == 1 else 'them'}; drop "
+            f"{'it' if len(unused) == 1 else 'them'}, add the ulr method, or set a peer's own "
+            f"settings with --method-arg (e.g. es.population=64)")
 #: The fields that are tables (``[model_args]`` in a file, one ``KEY=VALUE`` per flag).
 TABLES = ("model_args", "method_args", "site_sigma")
 #: Learning rate of each method when ``lr`` is not set: the verified digits/MLP setting for ulr

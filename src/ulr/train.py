@@ -902,6 +902,14 @@ class _Trainer:
         self.saved_at = (self.prog.epoch, self.prog.step)
         self.clock = 0.0
 
+    def estimator_text(self) -> str:
+        """What estimated the gradients, with the settings it really used (a peer's
+        population, the ULR copies and plan), for the run's records."""
+        if self.est is None:
+            return ("backprop with the training noise of ULR's sites" if self.injection
+                    is not None or self.config.method == "bp-noise" else "backprop")
+        return repr(self.est)
+
     # -- files ------------------------------------------------------------------------------------
     def open_files(self, stack: contextlib.ExitStack) -> None:
         run_dir, config = self.run_dir, self.config
@@ -1079,6 +1087,7 @@ class _Trainer:
                     "environment": self.env, "run_dir": self.run_dir,
                 })
             self.write({"kind": "start", "step": prog.step, "epoch": prog.epoch,
+                        "estimator": self.estimator_text(),
                         "label": self.label, "resumed": self.resumed, **self.env})
             if not self.resumed:
                 self.save(self.data_gen.get_state())
@@ -1089,6 +1098,7 @@ class _Trainer:
                 raise TrainingInterrupted(self.run_dir, *self.saved_at) from None
         summary = _summary(config, self.task, prog, last, self.env, self.run_dir, self.label,
                            sum(p.numel() for p in self.params), self.memory.peak or None)
+        summary["estimator"] = self.estimator_text()
         if self.device.type == "cuda":
             summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if self.run_dir is not None and self.writer:
