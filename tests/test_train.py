@@ -352,3 +352,28 @@ def test_site_sigma_reaches_the_estimator_and_the_noise_injection():
     assert {n: z.sigma for n, z in injection.noises.items()} == {"hidden.0": 0.7, "out": 0.3}
     with pytest.raises(ValueError, match=r"patterns \['outt'\] match no module of mlp"):
         _estimator(tiny(site_sigma={"outt": 2.0}), model, cpu)
+
+
+def test_checkpoints_inside_an_epoch_make_an_interrupt_lose_little(tmp_path):
+    """checkpoint_every=4: a Ctrl-C at step 15 (inside epoch 2) keeps step 12, and --resume
+    from there reproduces the uninterrupted run exactly."""
+    fit(tiny(), tmp_path / "straight")
+    with pytest.raises(TrainingInterrupted) as err:
+        fit(tiny(checkpoint_every=4), tmp_path / "cut", callbacks=[_StopAt(15)])
+    assert (err.value.epoch, err.value.step) == (1, 12)
+    fit(resume_config(tmp_path / "cut"), tmp_path / "cut", resume=True)
+    assert rows(tmp_path / "straight") == rows(tmp_path / "cut")
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "cut"))
+
+
+def test_step_lines_with_eta(tmp_path):
+    import io
+
+    from ulr.train import ConsoleProgress
+
+    out = io.StringIO()
+    fit(tiny(epochs=1), tmp_path / "run",
+        callbacks=[ConsoleProgress("ulr", bar=False, file=out, log_every=5)])
+    lines = [line for line in out.getvalue().splitlines() if " step " in line]
+    assert lines and all("samples/s" in line for line in lines)
+    assert lines[0].startswith("[ulr] step 5/") and "ETA " in lines[0]

@@ -128,8 +128,9 @@ from the same seed; under 10 s on two CPU cores, ending in a comparison table.
 
 Settings come from the defaults, then --config FILE, then the flags (a flag wins). Each run writes
 a directory: config.toml/json (the resolved config), metrics.jsonl (per step and per epoch),
-checkpoint.pt (every epoch, atomically) and summary.json. Several methods write one sub-directory
-each plus comparison.txt/json and plots. Ctrl-C keeps the last checkpoint: --resume DIR goes on.
+checkpoint.pt (every epoch and every 10 minutes, atomically) and summary.json. Several methods
+write one sub-directory each plus comparison.txt/json and plots. Ctrl-C or SIGTERM keeps the last
+checkpoint: --resume DIR goes on.
 """
 
 _TRAIN_EPILOG = """\
@@ -385,7 +386,7 @@ def _execute(planned: list[_Planned], group: Path | None, *, quiet: bool,
     summaries = []
     try:
         for p in planned:
-            progress = ConsoleProgress(p.label, quiet=quiet)
+            progress = ConsoleProgress(p.label, quiet=quiet, log_every=p.config.log_every)
             summaries.append(fit(p.config, p.dir, resume=p.resume, callbacks=[progress],
                                  label=p.label))
     except Exception:

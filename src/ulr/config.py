@@ -349,6 +349,16 @@ class RunConfig:
         "the gradient by regenerating the other ranks' noise: cheap with the layerwise plan "
         "(see docs/distributed.md). Same estimate either way; ignored in one process.",
         choices=("grads", "losses")))
+    log_every: int | None = field(default=None, metadata=_meta(
+        "run",
+        "Print a progress line (step, loss, accuracy, samples/s, ETA) every N steps; 0 never.",
+        check=_at_least(0), rule=">= 0",
+        default_text="every 60 s while no progress bar shows, i.e. off a terminal"))
+    checkpoint_every: int | None = field(default=None, metadata=_meta(
+        "run",
+        "Also checkpoint inside an epoch every N steps (Ctrl-C, SIGTERM or a crash then lose "
+        "at most N steps; --resume continues bit-exactly); 0: at epoch ends only.",
+        check=_at_least(0), rule=">= 0", default_text="every 10 minutes of training"))
     diag_every: int = field(default=0, metadata=_meta(
         "run",
         "Every N steps, log the per-layer cosine and norm ratio of the ULR gradient against "
@@ -429,6 +439,7 @@ _TYPES = {
     "optimizer": str, "lr": float, "momentum": float, "weight_decay": float, "schedule": str,
     "step_size": int, "gamma": float, "grad_clip": float, "batch_size": int, "epochs": int,
     "max_steps": int, "seed": int, "device": str, "threads": int, "eval_batch_size": int,
+    "log_every": int, "checkpoint_every": int,
     "diag_every": int, "exchange": str,
 }
 assert set(_TYPES) == set(_FIELDS), "every RunConfig field needs a type in _TYPES"

@@ -87,7 +87,10 @@ _FORMAT = "ulr-run-checkpoint"
 _FORMAT_VERSION = 1
 
 #: Config fields that ``--resume`` may change; any other change makes a different run.
-RESUMABLE = ("epochs", "max_steps", "threads", "diag_every", "eval_batch_size", "workers")
+RESUMABLE = ("epochs", "max_steps", "threads", "diag_every", "eval_batch_size", "workers",
+             "log_every", "checkpoint_every")
+#: seconds of training between checkpoints inside an epoch when checkpoint_every is not set
+CHECKPOINT_SECONDS = 600.0
 
 #: Datasets that ``ulr train`` is tested with (others of the same kind work too).
 _TRAINABLE = ("digits", "mnist-subset", "fashion-mnist", "mnist1d", "adding", "sequential-digits",
@@ -900,6 +903,7 @@ class _Trainer:
         self.log: Any = None
         self.forward_calls = 0
         self.saved_at = (self.prog.epoch, self.prog.step)
+        self.saved_train_s = self.prog.train_time_s
         self.clock = 0.0
 
     def estimator_text(self) -> str:
@@ -936,10 +940,17 @@ class _Trainer:
         if self.log is not None:
             self.log.write(json.dumps(row) + "\n")
 
+    def _checkpoint_due(self) -> bool:
+        every = self.config.checkpoint_every
+        if every is not None:
+            return every > 0 and self.prog.step % every == 0
+        return self.prog.train_time_s - self.saved_train_s >= CHECKPOINT_SECONDS
+
     def save(self, epoch_start_state: Tensor) -> None:
         """Checkpoint; ``epoch_start_state`` is the data generator as it was when the epoch in
         progress (or the next one) drew its order."""
         self.saved_at = (self.prog.epoch, self.prog.step)
+        self.saved_train_s = self.prog.train_time_s
         if self.run_dir is None or not self.writer:
             return
         self.log.flush()
@@ -1128,6 +1139,8 @@ class _Trainer:
                 if config.max_steps is not None and prog.step >= config.max_steps:
                     stopped = prog.batch_in_epoch < self.steps_per_epoch
                     break
+                if prog.batch_in_epoch < self.steps_per_epoch and self._checkpoint_due():
+                    self.save(epoch_start_state)  # inside the epoch: resumes from here
             if stopped:
                 last = self.evaluate(epoch, partial=True)
                 self.save(epoch_start_state)
@@ -1239,6 +1252,10 @@ def format_table(summaries: Sequence[dict[str, Any]]) -> str:
     return "\n".join([fmt(head), rule, *map(fmt, lines)])
 
 
+#: seconds between step lines when no progress bar shows and log_every is not set
+LOG_SECONDS = 60.0
+
+
 class ConsoleProgress(Callback):
     """A tqdm progress bar over the run (loss, accuracy, samples/s) and one line per epoch.
 
@@ -1247,11 +1264,16 @@ class ConsoleProgress(Callback):
         quiet: print nothing at all.
         bar: ``None`` shows the bar only when stderr is a terminal; ``False`` never.
         file: where epoch lines go (default ``sys.stdout``).
+        log_every: a step line (loss, accuracy, samples/s, ETA) every N steps; 0 never;
+            ``None``: every :data:`LOG_SECONDS` of wall time while no bar shows.
     """
 
     def __init__(self, label: str = "", *, quiet: bool = False, bar: bool | None = None,
-                 file: Any = None) -> None:
+                 file: Any = None, log_every: int | None = None) -> None:
         self.label, self.quiet, self.show_bar, self.file = label, quiet, bar, file
+        self.log_every = log_every
+        self.total = self.start_step = 0
+        self.started = self.logged = time.perf_counter()
         self.bar: Any = None
         self.epochs = 0
         self.speed: float | None = None
@@ -1272,6 +1294,8 @@ class ConsoleProgress(Callback):
         self.label = self.label or info["label"]
         start = f" (resumed at step {info['start_step']})" if info["start_step"] else ""
         threads = info["environment"]["threads"]
+        self.total, self.start_step = info["total_steps"], info["start_step"]
+        self.started = self.logged = time.perf_counter()
         self._print(f"[{self.label}] {config.model} on {config.data}, {info['num_params']:,} "
                     f"parameters, {info['steps_per_epoch']} steps/epoch, device "
                     f"{info['environment']['device']}, {threads} "
@@ -1285,11 +1309,13 @@ class ConsoleProgress(Callback):
                         disable=None if self.show_bar is None else not self.show_bar)
 
     def on_step(self, row: dict[str, Any]) -> None:
-        if self.bar is None:
-            return
         if row["samples_per_s"] is not None:
             s = row["samples_per_s"]
             self.speed = s if self.speed is None else 0.9 * self.speed + 0.1 * s
+        if self._log_due(row["step"]):
+            self._print(self._step_line(row))
+        if self.bar is None:
+            return
         post = {"loss": f"{row['loss']:.3f}"}
         if row["acc"] is not None:
             post["acc"] = f"{100 * row['acc']:.1f}%"
@@ -1299,6 +1325,29 @@ class ConsoleProgress(Callback):
             post["cos"] = f"{self.cosine:.2f}"
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
+
+    def _log_due(self, step: int) -> bool:
+        if self.quiet:
+            return False
+        if self.log_every is not None:
+            return self.log_every > 0 and step % self.log_every == 0
+        hidden = self.bar is None or getattr(self.bar, "disable", False)
+        return hidden and time.perf_counter() - self.logged >= LOG_SECONDS
+
+    def _step_line(self, row: dict[str, Any]) -> str:
+        now = time.perf_counter()
+        self.logged = now
+        step, done = row["step"], row["step"] - self.start_step
+        parts = [f"[{self.label}] step {step}/{self.total}", f"loss {row['loss']:.4f}"]
+        if row["acc"] is not None:
+            parts.append(f"acc {100 * row['acc']:.1f}%")
+        if self.speed is not None:
+            parts.append(f"{self.speed:,.0f} samples/s")
+        if done > 0 and self.total > step:
+            eta = (now - self.started) / done * (self.total - step)
+            parts.append(f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:"
+                         f"{int(eta % 60):02d}")
+        return "  ".join(parts)
 
     def on_diag(self, row: dict[str, Any]) -> None:
         self.cosine = row["cosine_all"]
