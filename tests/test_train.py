@@ -77,7 +77,8 @@ def test_run_directory_contents(tmp_path):
     summary = fit(tiny(epochs=1), tmp_path / "run")
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} == {
-        "config.toml", "config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"}
+        "config.toml", "config.json", "metrics.jsonl", "checkpoint.pt", "best.pt",
+        "summary.json"}
     stored = json.loads((run / "config.json").read_text())
     assert stored["lr"] == 3e-3 and stored["device"] == "cpu"  # resolved, not "auto"/unset
     assert json.loads((run / "summary.json").read_text())["steps"] == summary["steps"] == 11
@@ -377,3 +378,21 @@ def test_step_lines_with_eta(tmp_path):
     lines = [line for line in out.getvalue().splitlines() if " step " in line]
     assert lines and all("samples/s" in line for line in lines)
     assert lines[0].startswith("[ulr] step 5/") and "ETA " in lines[0]
+
+
+def test_the_best_validation_weights_are_kept_beside_the_latest(tmp_path):
+    """best.pt holds the weights of the epoch of best validation accuracy; ulr robust (and
+    its load) picks them with weights="best", the latest with "last"."""
+    from ulr import robust
+
+    run = tmp_path / "run"
+    summary = fit(tiny(epochs=4, lr=0.05), run)  # a large lr: validation accuracy moves
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["best"]["epoch"] == summary["best"]["epoch"] == 3  # not the last epoch
+    last = torch.load(run / "checkpoint.pt", weights_only=True)
+    for which, ckpt in (("best", best), ("last", last)):
+        loaded = robust.load(run, weights=which, limit=10)
+        for k, v in loaded.model.state_dict().items():
+            assert torch.equal(v, ckpt["model"][k]), (which, k)
+    with pytest.raises(ValueError, match="weights must be one of"):
+        robust.load(run, weights="worst")

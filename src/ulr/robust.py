@@ -551,12 +551,20 @@ def value_range(dataset: Any) -> tuple[float, float]:
     return float(x.min()), float(x.max())
 
 
-def _checkpoint_path(path: Path) -> Path:
+#: which weights of a run directory: the last epoch's, or the best validation epoch's
+WEIGHTS = {"last": "checkpoint.pt", "best": "best.pt"}
+
+
+def _checkpoint_path(path: Path, weights: str = "last") -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a run directory written by "
                                 f"ulr train (or its checkpoint.pt)")
     if path.is_dir():
-        ckpt = path / "checkpoint.pt"
+        ckpt = path / WEIGHTS[weights]
+        if weights == "best" and not ckpt.is_file() and (path / "checkpoint.pt").is_file():
+            raise FileNotFoundError(
+                f"{path} has no best.pt: runs written before ulr kept the best-validation "
+                f"weights, or stopped before their first epoch ended; use --weights last")
         if not ckpt.is_file():
             raise FileNotFoundError(
                 f"{path} is not a run directory of ulr train: it has no checkpoint.pt (runs "
@@ -606,17 +614,20 @@ def _dataset(name: str, root: str | None, seed: int, val_fraction: float) -> Any
 
 
 def load(path: str | Path, *, split: str = "test", limit: int | None = None,
-         label: str | None = None) -> Loaded:
+         label: str | None = None, weights: str = "last") -> Loaded:
     """Read the model and the evaluation data of a run directory (or its ``checkpoint.pt``).
 
     The test split is the same for every seed of a dataset (:func:`ulr.data.load`), so runs
     with different seeds are evaluated on the same examples; ``split="val"`` uses the run's
     own validation split.
 
+    ``weights``: ``"last"`` (``checkpoint.pt``, the latest weights) or ``"best"``
+    (``best.pt``, the epoch of best validation accuracy) of a run directory.
+
     Raises:
         FileNotFoundError: no such path, or no checkpoint in it.
         ValueError: an unreadable checkpoint, a regression run (accuracy is undefined), an
-            empty split, or a bad ``split``/``limit``.
+            empty split, or a bad ``split``/``limit``/``weights``.
     """
     from .config import RunConfig
     from .train import _build_model
@@ -625,7 +636,9 @@ def load(path: str | Path, *, split: str = "test", limit: int | None = None,
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    ckpt_path = _checkpoint_path(Path(path))
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
+    ckpt_path = _checkpoint_path(Path(path), weights)
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         config = RunConfig.from_dict(ckpt["config"], source=f"{ckpt_path} config")
@@ -798,6 +811,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"corruptions: {', '.join(CORRUPTIONS)}, or none (default: all)")
     p.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5],
                    metavar="S", help="corruption severities 1-5 (default: all)")
+    p.add_argument("--weights", choices=list(WEIGHTS), default="last",
+                   help="of each run directory: the last epoch's weights (checkpoint.pt) or "
+                        "those of the best validation accuracy (best.pt)")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="evaluation split (default: test, the same examples for every seed)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
@@ -846,7 +862,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     t0 = time.perf_counter()
     for path, label in zip(paths, _labels(paths)):
-        loaded = load(path, split=args.split, limit=args.limit, label=label)
+        loaded = load(path.parent if path.name == "checkpoint.pt" else path, split=args.split,
+                      limit=args.limit, label=label, weights=args.weights)
         if surrogate is not None and (surrogate.x.shape != loaded.x.shape
                                       or not torch.equal(surrogate.x, loaded.x)):
             raise ValueError(f"--transfer-from {args.transfer_from} was trained on other "

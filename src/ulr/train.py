@@ -83,6 +83,8 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG_JSON = "config.json"
 CONFIG_TOML = "config.toml"
+#: the weights at the epoch of best validation score (accuracy, or loss for regression)
+BEST = "best.pt"
 _FORMAT = "ulr-run-checkpoint"
 _FORMAT_VERSION = 1
 
@@ -940,6 +942,18 @@ class _Trainer:
         if self.log is not None:
             self.log.write(json.dumps(row) + "\n")
 
+    def save_best(self, row: dict[str, Any]) -> None:
+        """Keep the weights of the best validation score so far in ``best.pt`` (beside the
+        latest in ``checkpoint.pt``): the model and config, in the checkpoint's format."""
+        best = _best(self.prog.history, self.task)
+        if (best is None or best["epoch"] != row["epoch"] or self.run_dir is None
+                or not self.writer):
+            return
+        state = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "kind": "best",
+                 "config": self.config.to_dict(), "model": self.model.state_dict(),
+                 "best": best}
+        _write_atomic(self.run_dir / BEST, lambda f: torch.save(state, f), mode="wb")
+
     def _checkpoint_due(self) -> bool:
         every = self.config.checkpoint_every
         if every is not None:
@@ -1148,6 +1162,7 @@ class _Trainer:
             prog.epoch, prog.batch_in_epoch = epoch, 0
             last = self.evaluate(epoch, partial=False)
             prog.history.append(last)
+            self.save_best(last)
             prog.loss_sum, prog.loss_count, prog.correct, prog.rows = 0.0, 0, 0, 0
             if self.sched is not None:
                 self.sched.step()
