@@ -393,3 +393,24 @@ def test_ulr_options_for_a_run_without_ulr_are_refused(tmp_path, capsys):
                  "--quiet", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert "population=8" in summary["estimator"]
+
+
+def test_small_cli_consistency_items(tmp_path, capsys):
+    """--model-arg hidden=32 is one hidden layer; --device takes cuda:N (refused clearly
+    without that GPU); ulr robust takes --no-plots like the other commands."""
+    import torch
+
+    from ulr.robust import parser as robust_parser
+
+    run = tmp_path / "h32"
+    assert main(["train", "--method", "ulr", "--model-arg", "hidden=32", "--max-steps", "1",
+                 *FAST, "--out", str(run)]) == 0
+    assert config_of(run)["model_args"] == {"hidden": 32}
+    if not torch.cuda.is_available():
+        assert main(["train", "--method", "ulr", "--max-steps", "1", *FAST,
+                     "--device", "cuda:0", "--out", str(tmp_path / "gpu")]) == 2
+        assert "device 'cuda:0' was requested" in capsys.readouterr().err
+    assert main(["train", "--method", "ulr", *FAST, "--device", "gpu",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert robust_parser().parse_args(["r", "--no-plots"]).plot is False

@@ -144,6 +144,10 @@ def _at_least(n: int) -> Callable[[float], bool]:
     return lambda v: v >= n
 
 
+def _is_device(v: str) -> bool:
+    return v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v) is not None
+
+
 def _fraction(v: float) -> bool:
     return 0 <= v < 1
 
@@ -330,7 +334,8 @@ class RunConfig:
         "from its own stream); the same seed and config give identical metrics.",
         check=_at_least(0), rule=">= 0"))
     device: str = field(default="auto", metadata=_meta(
-        "run", "cpu, cuda, or auto (cuda when available).", choices=("auto", "cpu", "cuda")))
+        "run", "cpu, cuda, cuda:N (GPU N), or auto (cuda when available).",
+        check=_is_device, rule="auto, cpu, cuda or cuda:N", metavar="DEVICE"))
     threads: int = field(default=1, metadata=_meta(
         "run",
         "CPU threads of the run (torch.set_num_threads, restored afterwards); 0 keeps torch's "

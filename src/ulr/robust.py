@@ -832,7 +832,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", default=None,
                    help="where robust.{json,md,png} go (default: the first run directory; "
                         "earlier robust.* files there are replaced)")
-    p.add_argument("--no-plot", dest="plot", action="store_false", help="skip robust.png")
+    p.add_argument("--no-plots", "--no-plot", dest="plot", action="store_false",
+                   help="skip robust.png")
     p.add_argument("--quiet", action="store_true", help="print only the table")
     return p
 

@@ -186,9 +186,13 @@ def _dataset(name: str, root: str | None, seed: int, val_fraction: float) -> dat
 def _device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but torch sees no CUDA device; use "
-                         "--device cpu (or auto)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was requested but torch sees no CUDA device; use "
+                         f"--device cpu (or auto)")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} was requested but torch sees "
+                         f"{torch.cuda.device_count()} CUDA device(s): cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1}")
     if name == "cuda" and distributed.is_distributed():  # one GPU per local rank
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", distributed.rank())))
     return torch.device(name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import nn
@@ -58,6 +58,23 @@ def make_activation(name: str) -> nn.Module:
     if name == "sign":
         return Sign()
     raise ValueError(f"unknown activation {name!r}; choose one of {list(ACTIVATIONS)}")
+
+
+def as_widths(hidden: Any) -> tuple[int, ...]:
+    """Hidden-layer widths: a list/tuple of ints, or one int for a single hidden layer
+    (``--model-arg hidden=32`` as well as ``hidden=[32, 32]``)."""
+    if isinstance(hidden, bool):
+        raise TypeError(f"hidden must be an int or a list of ints, got {hidden!r}")
+    if isinstance(hidden, int):
+        return (hidden,)
+    try:
+        widths = tuple(hidden)
+    except TypeError:
+        raise TypeError(f"hidden must be an int or a list of ints (the widths of the hidden "
+                        f"layers), got {hidden!r}") from None
+    if not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
+        raise TypeError(f"hidden must be an int or a list of ints, got {hidden!r}")
+    return widths
 
 
 def check_positive(**values: int) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._common import Sign, ULRConfig, check_positive
+from ._common import Sign, ULRConfig, as_widths, check_positive
 
 Relaxation = Literal["none", "ste", "tanh"]
 RELAXATIONS: tuple[str, ...] = ("none", "ste", "tanh")
@@ -155,7 +155,7 @@ class BinaryMLP(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (256,),
                  relaxation: Relaxation = "none") -> None:
         super().__init__()
-        hidden = tuple(hidden)
+        hidden = as_widths(hidden)
         check_positive(in_features=in_features, num_classes=num_classes)
         self.in_features, self.num_classes = in_features, num_classes
         widths = (in_features, *hidden)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import ULRConfig, check_positive
+from ._common import ULRConfig, as_widths, check_positive
 
 __all__ = ["GraphConv", "GCN", "Shared", "propagate", "tile_graph", "block_diagonal_graph",
            "tile_edge_index", "receptive_field", "NodeLoss"]
@@ -213,7 +213,7 @@ class GCN(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (16,)
                  ) -> None:
         super().__init__()
-        hidden = tuple(hidden)
+        hidden = as_widths(hidden)
         check_positive(in_features=in_features, num_classes=num_classes)
         self.in_features, self.num_classes = in_features, num_classes
         widths = (in_features, *hidden, num_classes)

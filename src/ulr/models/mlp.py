@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._common import Activation, ULRConfig, check_positive, make_activation
+from ._common import Activation, ULRConfig, as_widths, check_positive, make_activation
 
 # Starting points, not tuned: sigma in METHOD.md's 1e-2..0.1 output-noise range, and copy counts
 # at the low end of the authors' 50-800 (hidden layers, with more noise dimensions, get more).
@@ -46,7 +46,7 @@ class MLP(nn.Module):
         activation: Activation = "relu",
     ) -> None:
         super().__init__()
-        hidden = tuple(hidden)
+        hidden = as_widths(hidden)
         check_positive(in_features=in_features, num_classes=num_classes)
         for i, width in enumerate(hidden):
             check_positive(**{f"hidden[{i}]": width})

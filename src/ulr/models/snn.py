@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._common import ULRConfig, check_positive
+from ._common import ULRConfig, as_widths, check_positive
 
 Encoding = Literal["latency", "rate", "current"]
 Surrogate = Literal["fast-sigmoid"] | None
@@ -135,7 +135,7 @@ class SpikingMLP(nn.Module):
                  num_steps: int = 16, encoding: Encoding = "latency", beta: float = 0.9,
                  surrogate: Surrogate = None, seed: int = 0) -> None:
         super().__init__()
-        hidden = tuple(hidden)
+        hidden = as_widths(hidden)
         check_positive(in_features=in_features, num_classes=num_classes, num_steps=num_steps)
         if encoding not in ("latency", "rate", "current"):
             raise ValueError(f"unknown encoding {encoding!r}; choose 'latency', 'rate' or "
