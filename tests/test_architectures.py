@@ -87,7 +87,9 @@ def test_cell_sites_fire_once_per_step_and_need_no_autograd():
                               generator=torch.Generator().manual_seed(0))
     x, y = torch.randn(2, 7, 3), torch.randint(0, 4, (2,))
     est.loss_and_grads(ce, x, y)
-    assert len(calls) == 14 and all(calls[:7]) and not any(calls[7:])
+    # the clean probe with autograd, then the noisy pass (after one try with the noise-free
+    # prefix on the B examples, which a recurrence across the first site cannot use)
+    assert all(calls[:7]) and not any(calls[7:]) and len(calls) > 14
     calls.clear()
     est.loss_and_grads(ce, x, y)
     assert len(calls) == 7 and not any(calls)

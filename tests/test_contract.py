@@ -367,8 +367,11 @@ def test_inputs_modified_in_place_are_not_treated_as_copies():
     model = NoisyInput()
     x = torch.randn(4, 3)
     gen_state = torch.Generator().manual_seed(0).get_state()
+    # the hand computation's weights; tiled inputs (this model's output depends on the row
+    # index, so computing a noise-free prefix on the B examples would change the function)
     est = ulr.LikelihoodRatio(model, num_copies=3, generator=torch.Generator(),
-                              baseline=ulr.baselines.none())  # the hand computation's weights
+                              baseline=ulr.baselines.none(),
+                              plan=ulr.plans.layerwise(cache_prefix=False))
     est.generator.set_state(gen_state)
     est.loss_and_grads(lambda o: o.pow(2).sum(1), x.clone())
     got = model.lin.weight.grad.clone()
@@ -457,7 +460,9 @@ def test_layerwise_learns_the_sites_once_and_follows_control_flow():
     model = Branchy()
     calls = []
     model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
-    est = ulr.LikelihoodRatio(model, num_copies=2, plan=ulr.plans.layerwise(), exclude=["b.*"])
+    # tiled inputs, so that every pass shows as 8 rows at the model's input
+    est = ulr.LikelihoodRatio(model, num_copies=2, plan=ulr.plans.layerwise(cache_prefix=False),
+                              exclude=["b.*"])
     neg, pos = -torch.ones(4, 3), torch.ones(4, 3)
     est.loss_and_grads(lambda o: o.sum(1), neg)
     assert calls == [4, 8, 8]  # discovery, then one pass per site (a, c)

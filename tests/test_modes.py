@@ -115,7 +115,11 @@ def test_prefix_caching_runs_the_prefix_on_b_rows():
     assert seen == [5, 5, 5]
 
 
-def test_prefix_caching_is_off_by_default_for_non_chains_and_fails_loudly_when_forced():
+def test_prefix_caching_is_on_for_any_model_and_falls_back_per_pass():
+    """By default every pass computes its noise-free prefix on the B examples; a pass whose
+    model combines a value from before its first perturbed site with one after it (a skip
+    across site "a") falls back to tiled inputs, and the estimate is the same as with
+    cache_prefix=False. Forcing cache_prefix=True fails loudly instead."""
     class Residual(nn.Module):
         def __init__(self):
             super().__init__()
@@ -124,16 +128,22 @@ def test_prefix_caching_is_off_by_default_for_non_chains_and_fails_loudly_when_f
         def forward(self, x):
             return self.b(x + self.a(x))
 
-    model = Residual()
-    x, y = torch.randn(3, 4), torch.randint(0, 2, (3,))
-    ulr.LikelihoodRatio(model, num_copies=4, plan=ulr.plans.layerwise()).loss_and_grads(ce, x, y)
+    model = Residual().double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 2, (3,))
+
+    def make(**kw):
+        return lambda: ulr.LikelihoodRatio(model, num_copies=4, **kw,
+                                           generator=torch.Generator().manual_seed(0))
+
+    want, _, _ = _grads(model, make(plan=ulr.plans.layerwise(cache_prefix=False)), x, y)
+    auto = make()()
+    got, _, _ = _grads(model, lambda: auto, x, y)
+    _assert_same(got, want)
+    assert auto._no_prefix == {"a"}  # the pass of "b" keeps its prefix on B rows
     forced = ulr.LikelihoodRatio(model, num_copies=4,
                                  plan=ulr.plans.layerwise(cache_prefix=True))
     with pytest.raises(RuntimeError, match="cache_prefix=False"):
         forced.loss_and_grads(ce, x, y)
-    nested = nn.Sequential(nn.Sequential(nn.Linear(4, 4)), nn.Linear(4, 2))
-    est = ulr.LikelihoodRatio(nested, num_copies=4)
-    assert not est._cache_prefix(ulr.plans.all_sites().passes([], 4)[0])
 
 
 def test_memory_argument_errors(mlp):

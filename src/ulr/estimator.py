@@ -70,6 +70,10 @@ class _NeedGradError(Exception):
     """A pass run without autograd met a site that needs a local VJP: rerun it with grad."""
 
 
+class _PrefixError(Exception):
+    """A pass with the automatic noise-free prefix did not take up the copies."""
+
+
 class _UsesChangedError(Exception):
     """A noisy pass used a value the clean pass had found unused (a site output left without
     noise), or a parameter past the last site: probe again and start the step over."""
@@ -697,6 +701,8 @@ class LikelihoodRatio:
         self._probed: set[str] | None = None
         #: per site, the paths of output parts that the clean pass found unused
         self._unused: dict[str, set[tuple]] = {}
+        #: passes (keys) whose automatic prefix caching failed: they tile the inputs instead
+        self._no_prefix: set[str] = set()
         self._fired: set[str] = set()
         #: Forward rows (examples × copies, summed over passes and sweeps) of the last call.
         self.last_forward_rows = 0
@@ -766,10 +772,10 @@ class LikelihoodRatio:
         if spec.num_copies == 1:
             return False
         if spec.cache_prefix is None:
-            # Safe by construction only for a plain chain whose sites are its children.
-            return (isinstance(self.model, nn.Sequential) and self._replicate_inputs is None
-                    and not self.spec.selects_marks
-                    and all("." not in s.name and s.name for s in self._module_sites.values()))
+            # On for any model with plain batch inputs: a model that combines a value from
+            # before the first perturbed site with one after it fails on the row counts, and
+            # that pass then runs (and keeps running) on tiled inputs (see _forward).
+            return self._replicate_inputs is None and spec.key not in self._no_prefix
         if spec.cache_prefix and self._replicate_inputs is not None:
             raise ValueError("cache_prefix=True cannot be combined with a custom replicate=; "
                              "use cache_prefix=False")
@@ -827,14 +833,10 @@ class LikelihoodRatio:
                  weights: Tensor | None = None, sink: tuple | None = None,
                  probe: dict | None = None) -> tuple[Any, _PassRun]:
         c = copies[1] - copies[0]
-        if c == 1 or expand:
-            rep = inputs
-        elif self._replicate_inputs is None:
-            rep = replicate(inputs, c)
-        else:
-            rep = self._replicate_inputs(inputs, c)
-        tiled = ({t.data_ptr(): t.numel() for t in _tensors(rep) if t.layout == torch.strided}
-                 if c > 1 and not expand else {})
+        auto = expand and spec is not None and spec.cache_prefix is None
+        if auto and spec.key in self._no_prefix:
+            expand = auto = False
+        rep, tiled = self._tile(inputs, c, expand)
         snapshot = self._snapshot()
         # replay turns sites into gradients during the forward: a retry must drop them
         written = dict(sink[0]) if weights is not None and sink is not None else None
@@ -850,28 +852,48 @@ class LikelihoodRatio:
                 with torch.set_grad_enabled(grad):
                     run.grad_enabled = grad
                     out = self.model(**rep) if isinstance(rep, dict) else self.model(*rep)
+                if auto and c > 1 and any(t.shape[0] == batch for t in _tensors(out)):
+                    raise _PrefixError  # the output did not take up the copies
                 if spec is not None and grad:
                     self._check_output(out, run)
                 self._fired.update(run.fired)
                 return out, run
-            except _NeedGradError:
-                self._needs_grad = grad = True
+            except (_NeedGradError, _PrefixError, RuntimeError, ValueError) as err:
+                retry_grad = isinstance(err, _NeedGradError)
+                if not (retry_grad or auto):
+                    if expand and isinstance(err, RuntimeError):
+                        raise RuntimeError(
+                            f"{err}\n(ulr: this pass computed the noise-free prefix on the "
+                            f"{batch} examples and tiled it at the first perturbed site; a value "
+                            f"from before that site is combined with one after it. Pass "
+                            f"cache_prefix=False to the plan.)") from err
+                    raise
+                if retry_grad:
+                    self._needs_grad = grad = True
+                else:  # automatic prefix caching does not fit this model: tile the inputs
+                    self._no_prefix.add(spec.key)
+                    expand = auto = False
+                    rep, tiled = self._tile(inputs, c, expand)
                 self._restore(snapshot)
                 if written is not None:
                     sink[0].clear()
                     sink[0].update(written)
-            except RuntimeError as err:
-                if expand:
-                    raise RuntimeError(
-                        f"{err}\n(ulr: this pass computed the noise-free prefix on the {batch} "
-                        f"examples and tiled it at the first perturbed site; a value from before "
-                        f"that site is combined with one after it. Pass cache_prefix=False to "
-                        f"the plan.)") from err
-                raise
             finally:
                 stack.pop()
                 for h in handles:
                     h.remove()
+
+    def _tile(self, inputs: Any, copies: int, expand: bool) -> tuple[Any, dict[int, int]]:
+        """The inputs of a pass of ``copies`` copies (as they are when the prefix is computed
+        on the ``B`` examples), and the storage of the tiled tensors (see _PassRun.tiled)."""
+        if expand:  # B rows; a copy, so that a model that changes its input in place
+            return _clone_dense(inputs), {}  # leaves the user's batch alone
+        if copies == 1:
+            return inputs, {}
+        rep = (replicate(inputs, copies) if self._replicate_inputs is None
+               else self._replicate_inputs(inputs, copies))
+        return rep, {t.data_ptr(): t.numel() for t in _tensors(rep)
+                     if t.layout == torch.strided}
 
     def _losses(self, loss_fn: Callable, outputs: Any, targets: Any, rows: int) -> Tensor:
         with torch.no_grad():

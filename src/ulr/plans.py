@@ -41,7 +41,7 @@ class Plan:
 
     needs_site_names: bool = False
     #: Run the noise-free prefix of each pass on B rows and tile at the first perturbed site;
-    #: ``None`` lets the estimator decide (on for ``nn.Sequential`` models).
+    #: ``None`` lets the estimator decide (on, with a per-pass fallback to tiled inputs).
     cache_prefix: bool | None = None
 
     def passes(self, site_names: Sequence[str], num_copies: int) -> list[Pass]:
@@ -137,10 +137,12 @@ def all_sites(cache_prefix: bool | None = None) -> Plan:
     Args:
         cache_prefix: compute the noise-free part of a pass before its first perturbed
             site once on the ``B`` examples and tile its value to ``K·B`` rows there, instead of
-            running it on ``K·B`` identical rows. Same estimate, less compute. Safe when nothing
-            computed before that site is combined with values after it (true for
-            ``nn.Sequential``); a model that does (a skip connection across the site) fails
-            loudly with a shape error — turn it off then. ``None``: on for ``nn.Sequential``.
+            running it on ``K·B`` identical rows. Same estimate, less compute. ``None``
+            (default): on for every model without a custom ``replicate``; a pass whose model
+            combines a value from before that site with one after it (a skip connection
+            across the site) fails on the row counts and is rerun, then always run, on tiled
+            inputs. ``True`` forces it (that failure is then an error), ``False`` turns it off
+            (for a model whose rows are not independent examples).
     """
     return _AllSites(cache_prefix)
 
@@ -161,9 +163,11 @@ def layerwise(
             ``num_copies``.
         cache_prefix: compute the noise-free part of a pass before its first perturbed
             site once on the ``B`` examples and tile its value to ``K·B`` rows there, instead of
-            running it on ``K·B`` identical rows. Same estimate, less compute. Safe when nothing
-            computed before that site is combined with values after it (true for
-            ``nn.Sequential``); a model that does (a skip connection across the site) fails
-            loudly with a shape error — turn it off then. ``None``: on for ``nn.Sequential``.
+            running it on ``K·B`` identical rows. Same estimate, less compute. ``None``
+            (default): on for every model without a custom ``replicate``; a pass whose model
+            combines a value from before that site with one after it (a skip connection
+            across the site) fails on the row counts and is rerun, then always run, on tiled
+            inputs. ``True`` forces it (that failure is then an error), ``False`` turns it off
+            (for a model whose rows are not independent examples).
     """
     return _Layerwise(groups, num_copies, cache_prefix)
