@@ -161,13 +161,6 @@ def layerwise(
         num_copies: copies per pass: one int for all, a sequence with one int per group, or a
             mapping site name -> int (the paper's per-layer counts); default: the estimator's
             ``num_copies``.
-        cache_prefix: compute the noise-free part of a pass before its first perturbed
-            site once on the ``B`` examples and tile its value to ``K·B`` rows there, instead of
-            running it on ``K·B`` identical rows. Same estimate, less compute. ``None``
-            (default): on for every model without a custom ``replicate``; a pass whose model
-            combines a value from before that site with one after it (a skip connection
-            across the site) fails on the row counts and is rerun, then always run, on tiled
-            inputs. ``True`` forces it (that failure is then an error), ``False`` turns it off
-            (for a model whose rows are not independent examples).
+        cache_prefix: as in :func:`all_sites`, for each pass.
     """
     return _Layerwise(groups, num_copies, cache_prefix)
