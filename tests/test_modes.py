@@ -363,3 +363,27 @@ def test_modes_and_workers_agree_on_sites_with_nested_outputs(name):
     for mode in ("replay", "chunked", "workers"):
         for got, want in zip(grads[mode], grads["store"], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,fallback", [("lenet5", set()), ("resnet5", {"conv4"})])
+def test_prefix_caching_on_library_models_gives_the_same_estimate(name, fallback):
+    """LeNet-5 (not a Sequential) keeps the prefix on B rows in every pass; ResNet-5's skip
+    across conv4 makes that one pass fall back. Same estimate as tiled inputs (float64)."""
+    torch.manual_seed(0)
+    model = ulr.models.build(name, in_shape=(1, 12, 12), num_classes=4).double()
+    x = torch.rand(3, 1, 12, 12, dtype=torch.float64)
+    y = torch.randint(0, 4, (3,))
+    ests = {}
+
+    def make(cache):
+        def build():
+            ests[cache] = ulr.LikelihoodRatio(model, num_copies=4,
+                                              plan=ulr.plans.layerwise(cache_prefix=cache),
+                                              generator=torch.Generator().manual_seed(0))
+            return ests[cache]
+        return build
+
+    want, _, _ = _grads(model, make(False), x, y)
+    got, _, _ = _grads(model, make(None), x, y)
+    _assert_same(got, want)
+    assert ests[None]._no_prefix == fallback
