@@ -3,7 +3,7 @@
 A ULR step on a CNN allocates activations of ``K·B`` rows, tens of MB each. glibc serves every
 allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns it with
 ``munmap`` when freed, so each step faults every page of those buffers in again: on LeNet-5 with
-Fashion-MNIST about a third of the CPU time of training is the kernel zeroing pages
+Fashion-MNIST 18-24% of the CPU time of a short training run is the kernel zeroing pages
 (``docs/results/allocator-cpu.md``). :func:`tune_allocator` serves them from the heap instead
 and keeps freed memory for the next step; the peak memory is unchanged (the same buffers are
 reused), the numbers are bit for bit the same.
