@@ -396,3 +396,17 @@ def test_the_best_validation_weights_are_kept_beside_the_latest(tmp_path):
             assert torch.equal(v, ckpt["model"][k]), (which, k)
     with pytest.raises(ValueError, match="weights must be one of"):
         robust.load(run, weights="worst")
+
+
+def test_early_stopping_on_validation(tmp_path):
+    """early_stop=P ends the run once P epochs have passed without a better validation
+    accuracy; best.pt holds that best epoch, and a resume does not train past the stop."""
+    run = tmp_path / "run"
+    summary = fit(tiny(epochs=12, lr=0.05, early_stop=1), run)
+    best = summary["best"]["epoch"]
+    assert summary["status"] == f"stopped early after epoch {best + 1} (patience 1)"
+    assert summary["epochs_completed"] == best + 1 < 12
+    assert torch.load(run / "best.pt", weights_only=True)["best"]["epoch"] == best
+    again = fit(resume_config(run), run, resume=True)
+    assert again["epochs_completed"] == summary["epochs_completed"]
+    assert fit(tiny(epochs=3, early_stop=0), tmp_path / "off")["status"] == "complete"

@@ -321,6 +321,11 @@ class RunConfig:
         check=_at_least(1), rule=">= 1"))
     epochs: int = field(default=30, metadata=_meta(
         "optimisation", "Passes over the training set.", check=_at_least(1), rule=">= 1"))
+    early_stop: int = field(default=0, metadata=_meta(
+        "optimisation",
+        "Stop when the validation score (accuracy; loss for regression) has not improved for "
+        "this many epochs; best.pt keeps the best epoch's weights. 0: off.",
+        check=_at_least(0), rule=">= 0", metavar="PATIENCE", default_text="0, off"))
     max_steps: int | None = field(default=None, metadata=_meta(
         "optimisation",
         "Stop after this many optimizer steps in total (smoke tests); the run still evaluates "
@@ -444,7 +449,7 @@ _TYPES = {
     "optimizer": str, "lr": float, "momentum": float, "weight_decay": float, "schedule": str,
     "step_size": int, "gamma": float, "grad_clip": float, "batch_size": int, "epochs": int,
     "max_steps": int, "seed": int, "device": str, "threads": int, "eval_batch_size": int,
-    "log_every": int, "checkpoint_every": int,
+    "log_every": int, "checkpoint_every": int, "early_stop": int,
     "diag_every": int, "exchange": str,
 }
 assert set(_TYPES) == set(_FIELDS), "every RunConfig field needs a type in _TYPES"

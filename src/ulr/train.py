@@ -90,7 +90,7 @@ _FORMAT_VERSION = 1
 
 #: Config fields that ``--resume`` may change; any other change makes a different run.
 RESUMABLE = ("epochs", "max_steps", "threads", "diag_every", "eval_batch_size", "workers",
-             "log_every", "checkpoint_every")
+             "log_every", "checkpoint_every", "early_stop")
 #: seconds of training between checkpoints inside an epoch when checkpoint_every is not set
 CHECKPOINT_SECONDS = 600.0
 
@@ -1143,6 +1143,8 @@ class _Trainer:
         for epoch in range(prog.epoch + 1, config.epochs + 1):
             if config.max_steps is not None and prog.step >= config.max_steps:
                 break
+            if _patience_spent(prog.history, self.task, config.early_stop):
+                break
             epoch_start_state = self.data_gen.get_state()
             batches: Iterator = (iter([self.train_split]) if self.graph else
                                  data.batches(*self.train_split, config.batch_size,
@@ -1178,6 +1180,12 @@ class _Trainer:
         return last
 
 
+def _patience_spent(history: list[dict[str, Any]], task: str, patience: int) -> bool:
+    """Early stopping: ``patience`` epochs have passed since the best validation score."""
+    best = _best(history, task)
+    return bool(patience) and best is not None and history[-1]["epoch"] - best["epoch"] >= patience
+
+
 def _summary(config: RunConfig, task: str, prog: _Progress, last: dict[str, Any],
              env: dict[str, Any], run_dir: Path | None, label: str,
              num_params: int, peak_rss_mb: float | None) -> dict[str, Any]:
@@ -1186,7 +1194,10 @@ def _summary(config: RunConfig, task: str, prog: _Progress, last: dict[str, Any]
             "test_acc")
     return {
         "label": label,
-        "status": "complete" if finished else f"stopped at max_steps={config.max_steps}",
+        "status": ("complete" if finished else
+                   f"stopped early after epoch {prog.epoch} (patience {config.early_stop})"
+                   if _patience_spent(prog.history, task, config.early_stop) else
+                   f"stopped at max_steps={config.max_steps}"),
         "method": config.method,
         "model": config.model,
         "data": config.data,
