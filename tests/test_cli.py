@@ -414,3 +414,27 @@ def test_small_cli_consistency_items(tmp_path, capsys):
                  "--out", str(tmp_path / "bad")]) == 2
     assert "must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
     assert robust_parser().parse_args(["r", "--no-plots"]).plot is False
+
+
+def test_plots_of_a_single_run_and_of_mixed_tasks(tmp_path, capsys):
+    """A single-method run draws its own plots (cosine.png with --diag-every); ulr plot draws
+    regression runs apart from classification runs (never as 0% accuracy); titles name the
+    model and the data."""
+    from ulr.plots import load_run, plot_runs
+
+    cls = tmp_path / "cls"
+    assert main(["train", "--method", "ulr", "--epochs", "2", "--diag-every", "5", *FAST,
+                 "--out", str(cls)]) == 0
+    assert {"accuracy_vs_epoch.png", "loss_vs_epoch.png", "cosine.png"} <= {
+        p.name for p in cls.iterdir()}
+    reg = tmp_path / "reg"
+    assert main(["train", "--method", "ulr", "--data", "adding", "--max-steps", "2", *FAST,
+                 "--out", str(reg)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "plots"
+    written = {p.name for p in plot_runs([load_run(cls), load_run(reg)], out)}
+    assert {"accuracy_vs_epoch.png", "accuracy_vs_epoch-regression.png",
+            "loss_vs_epoch-regression.png", "cosine.png"} <= written
+    from ulr.plots import _subject
+
+    assert _subject([load_run(cls)]) == "mlp on digits"

@@ -420,6 +420,11 @@ def _execute(planned: list[_Planned], group: Path | None, *, quiet: bool,
             print(f"plots: {', '.join(str(w) for w in written)}")
     else:
         print(f"\nrun directory: {planned[0].dir}")
+        if plots:  # a single run draws its own curves (and cosine.png with --diag-every)
+            from .plots import load_run, plot_runs
+
+            written = plot_runs([load_run(planned[0].dir, planned[0].label)], planned[0].dir)
+            print(f"plots: {', '.join(str(w) for w in written)}")
     return 0
 
 

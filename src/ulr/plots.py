@@ -142,15 +142,37 @@ def _series(rows: list[dict[str, Any]], x: str, y: str, scale: float) -> tuple[l
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
+def _subject(runs: Sequence[Run]) -> str:
+    """"mlp on digits" (or "mlp, lenet5 on digits") for the plot titles."""
+    models = list(dict.fromkeys(r.config.get("model") for r in runs if r.config.get("model")))
+    data = list(dict.fromkeys(r.config.get("data") for r in runs if r.config.get("data")))
+    return f"{', '.join(models) or '?'} on {', '.join(data) or '?'}"
+
+
+def _legend(ax: Any) -> None:
+    """The legend beside the axes, never over a curve."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  borderaxespad=0.0)
+
+
+def plot_runs(runs: Sequence[Run], out_dir: str | Path, suffix: str = "") -> list[Path]:
     """Draw the comparison plots of ``runs`` into ``out_dir`` (created if needed).
+
+    Classification runs are compared by accuracy, regression runs by MSE; a mix of both is
+    drawn as two sets of plots (the regression ones with ``-regression`` in their names).
 
     Returns:
         The PNG files written (``cosine.png`` only if some run has diagnostics).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    reg = [r for r in runs if r.regression]
+    if reg and len(reg) < len(runs):
+        return (plot_runs([r for r in runs if not r.regression], out, suffix)
+                + plot_runs(reg, out, suffix + "-regression"))
     regression = bool(runs) and all(r.regression for r in runs)
+    subject = _subject(runs)
     ylabel = "MSE" if regression else "accuracy (%)"
     colors = [f"C{i % 10}" for i in range(len(runs))]
     written = []
@@ -164,13 +186,13 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
             if xs:
                 ax.plot(xs, ys, style, color=c, marker="." if len(xs) < 40 else None,
                         label=f"{run.label} {split}")
-    ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel.split(' ')[0]} per epoch "
+    ax.set(xlabel="epoch", ylabel=ylabel, title=f"{subject}: {ylabel.split(' ')[0]} per epoch "
            f"(solid: test, dotted: validation)")
     if regression:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    written.append(_save(fig, out / "accuracy_vs_epoch.png"))
+    _legend(ax)
+    written.append(_save(fig, out / f"accuracy_vs_epoch{suffix}.png"))
 
     fig = _figure()
     ax = fig.add_subplot()
@@ -180,12 +202,12 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
         if xs:
             ax.plot(xs, ys, "-", color=c, marker="." if len(xs) < 40 else None, label=run.label)
     ax.set(xlabel="wall time (s)", ylabel=f"test {ylabel}",
-           title=f"test {ylabel.split(' ')[0]} against wall-clock time")
+           title=f"{subject}: test {ylabel.split(' ')[0]} against wall-clock time")
     if regression:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    written.append(_save(fig, out / "accuracy_vs_time.png"))
+    _legend(ax)
+    written.append(_save(fig, out / f"accuracy_vs_time{suffix}.png"))
 
     fig = _figure()
     ax = fig.add_subplot()
@@ -194,11 +216,11 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
         if xs:
             ax.plot(xs, ys, "-", color=c, label=run.label)
     ax.set(xlabel="epoch", ylabel="training loss",
-           title="mean training loss per epoch (ULR: noisy rows)")
+           title=f"{subject}: mean training loss per epoch (ULR: noisy rows)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    written.append(_save(fig, out / "loss_vs_epoch.png"))
+    _legend(ax)
+    written.append(_save(fig, out / f"loss_vs_epoch{suffix}.png"))
 
     with_diag = [r for r in runs if r.diags]
     if with_diag:
@@ -225,7 +247,7 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
                 ax.set(title=f"{run.label}: {title}", xlabel="step" if i == 1 else None)
                 ax.grid(alpha=0.3)
             axes[0][j].legend(fontsize="small")
-        written.append(_save(fig, out / "cosine.png"))
+        written.append(_save(fig, out / f"cosine{suffix}.png"))
     return written
 
 
