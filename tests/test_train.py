@@ -77,8 +77,8 @@ def test_run_directory_contents(tmp_path):
     summary = fit(tiny(epochs=1), tmp_path / "run")
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} == {
-        "config.toml", "config.json", "metrics.jsonl", "checkpoint.pt", "best.pt",
-        "summary.json"}
+        "config.toml", "config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt",
+        "best.pt", "summary.json"}
     stored = json.loads((run / "config.json").read_text())
     assert stored["lr"] == 3e-3 and stored["device"] == "cpu"  # resolved, not "auto"/unset
     assert json.loads((run / "summary.json").read_text())["steps"] == summary["steps"] == 11
@@ -410,3 +410,16 @@ def test_early_stopping_on_validation(tmp_path):
     again = fit(resume_config(run), run, resume=True)
     assert again["epochs_completed"] == summary["epochs_completed"]
     assert fit(tiny(epochs=3, early_stop=0), tmp_path / "off")["status"] == "complete"
+
+
+def test_metrics_csv_follows_the_epochs_through_a_resume(tmp_path):
+    import csv
+
+    run = tmp_path / "run"
+    fit(tiny(epochs=1), run)
+    fit(resume_config(run, {"epochs": 2}), run, resume=True)
+    with open(run / "metrics.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    epochs = rows(run, ("epoch",))
+    assert [int(r["epoch"]) for r in table] == [1, 2] == [r["epoch"] for r in epochs]
+    assert [float(r["test_acc"]) for r in table] == [r["test_acc"] for r in epochs]

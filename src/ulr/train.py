@@ -85,6 +85,8 @@ CONFIG_JSON = "config.json"
 CONFIG_TOML = "config.toml"
 #: the weights at the epoch of best validation score (accuracy, or loss for regression)
 BEST = "best.pt"
+#: the epoch rows of metrics.jsonl as a table, for spreadsheets and pandas
+METRICS_CSV = "metrics.csv"
 _FORMAT = "ulr-run-checkpoint"
 _FORMAT_VERSION = 1
 
@@ -946,6 +948,23 @@ class _Trainer:
         if self.log is not None:
             self.log.write(json.dumps(row) + "\n")
 
+    def write_csv(self) -> None:
+        """``metrics.csv``: one line per finished epoch (the epoch rows of metrics.jsonl),
+        rewritten atomically, so a resumed run's table matches its history."""
+        if self.run_dir is None or not self.writer:
+            return
+        import csv
+
+        rows = self.prog.history
+        columns = list(dict.fromkeys(k for r in rows for k in r if k != "kind"))
+
+        def write(f: Any) -> None:
+            out = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+            out.writeheader()
+            out.writerows(rows)
+
+        _write_atomic(self.run_dir / METRICS_CSV, write)
+
     def save_best(self, row: dict[str, Any]) -> None:
         """Keep the weights of the best validation score so far in ``best.pt`` (beside the
         latest in ``checkpoint.pt``): the model and config, in the checkpoint's format."""
@@ -1169,6 +1188,7 @@ class _Trainer:
             last = self.evaluate(epoch, partial=False)
             prog.history.append(last)
             self.save_best(last)
+            self.write_csv()
             prog.loss_sum, prog.loss_count, prog.correct, prog.rows = 0.0, 0, 0, 0
             if self.sched is not None:
                 self.sched.step()
