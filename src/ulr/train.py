@@ -918,8 +918,8 @@ class _Trainer:
         """What estimated the gradients, with the settings it really used (a peer's
         population, the ULR copies and plan), for the run's records."""
         if self.est is None:
-            return ("backprop with the training noise of ULR's sites" if self.injection
-                    is not None or self.config.method == "bp-noise" else "backprop")
+            return ("backprop with the training noise of ULR's sites"
+                    if self.injection is not None else "backprop")
         return repr(self.est)
 
     # -- files ------------------------------------------------------------------------------------
