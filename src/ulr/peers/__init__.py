@@ -38,8 +38,8 @@ from typing import Any
 
 from torch import nn
 
+from ..contract import GradientEstimator
 from . import shaping
-from ._common import GradientEstimator
 from ._weights import weight_noise
 from .backprop import Backprop
 from .es import EvolutionStrategies

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._common import (
+from ..contract import (
     accumulate,
     as_call,
     batch_size,

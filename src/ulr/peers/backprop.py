@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._common import as_call, batch_size, call_loss, check_finite, check_model, trainable
+from ..contract import as_call, batch_size, call_loss, check_finite, check_model, trainable
 
 __all__ = ["Backprop"]
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from ._common import check_positive_float, check_positive_int, draw_seeds
+from ..contract import check_positive_float, check_positive_int, draw_seeds
 from ._zeroth import WeightPerturbation
 from .shaping import Shaping, centered_ranks
 

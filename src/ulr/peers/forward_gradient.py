@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from ._common import (
+from ..contract import (
     accumulate,
     as_call,
     batch_size,

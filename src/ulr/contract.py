@@ -1,5 +1,10 @@
-"""What every peer estimator shares: argument checks, the per-row loss check, parameter
-selection and ``.grad`` accumulation (the contract of :class:`ulr.LikelihoodRatio`)."""
+"""The contract every gradient estimator keeps, and the helpers that implement it once.
+
+:class:`GradientEstimator` is the protocol (``loss_and_grads`` writes ``p.grad``, accumulating,
+and returns the mean loss; ``state_dict``/``load_state_dict``); the functions are its shared
+parts: argument checks, the per-row loss check, parameter selection, generator state and
+``.grad`` accumulation. :class:`ulr.LikelihoodRatio` and every estimator in :mod:`ulr.peers`
+are built on them."""
 
 from __future__ import annotations
 
