@@ -155,7 +155,7 @@ def main(argv=None):
     lines += ["", "Gradient buffers: " + ", ".join(f"{m} {g} MB" for m, g in grads.items()) + ".",
               "", f"![peak memory ratios]({stem}.png)"]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    from ulr.plots import ratio_bars
+    from ulr.evaluate.plots import ratio_bars
 
     ratio_bars(rows, out / f"{stem}.png", value="ratio_to_inference",
                xlabel="peak memory / inference on K·B rows", target=1.3,

@@ -1,6 +1,6 @@
 """Gradient quality of ULR and its peers: per-layer cosine with the true gradient vs forward rows.
 
-One part of `ulr bench` (see `ulr.bench.gradient_quality`): on an MLP (digits) and LeNet-5
+One part of `ulr bench` (see `ulr.evaluate.bench.gradient_quality`): on an MLP (digits) and LeNet-5
 (MNIST subset), at initialisation and after a short backprop warm-up, every estimator spends
 about the same forward rows per example; the cosine of its estimate with the exact minibatch
 gradient is recorded per layer, over 3 seeds. Writes peers-report.{md,json} and
@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ulr import bench
+from ulr.evaluate import bench
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """Time-to-accuracy and cost of ULR and its peers (backprop, ES, SPSA/MeZO, forward gradient).
 
-Two parts of `ulr bench` (see `ulr.bench.time_to_accuracy` and `ulr.bench.cost`): every method
+Two parts of `ulr bench` (see `ulr.evaluate.bench.time_to_accuracy` and
+`ulr.evaluate.bench.cost`): every method
 trains the same model from the same initial weights with the same data order and CPU-time
 budget, its Adam learning rate tuned on a small grid; test accuracy is recorded against time and
 forward rows; step time, rows per step and peak memory per step are measured. Writes
@@ -17,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ulr import bench
+from ulr.evaluate import bench
 
 
 def main(argv=None):

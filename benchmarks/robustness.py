@@ -10,8 +10,9 @@ For each suite (architecture × dataset) and seed, four runs of `ulr.train.fit` 
 * ``bp-matched``: backprop stopped early, at the step count (from a grid) whose validation
   accuracy is closest to the ULR run's: the comparison at matched clean accuracy.
 
-Every model is then evaluated by `ulr.robust.evaluate` (the code behind `ulr robust`): FGSM and
-PGD (L∞ and L2) at several budgets, and the four corruptions at severities 1-5. Writes
+Every model is then evaluated by `ulr.evaluate.robust.evaluate` (the code behind
+`ulr robust`): FGSM and PGD (L∞ and L2) at several budgets, and the four corruptions at
+severities 1-5. Writes
 docs/results/robustness.{json,md} and docs/results/robustness-<suite>.png.
 
     python benchmarks/robustness.py                   # every suite, 3 seeds (CPU: ~1 h)
@@ -38,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from ulr import robust
 from ulr.config import RunConfig
+from ulr.evaluate import robust
 from ulr.train import environment, fit
 
 # Each suite: run options shared by every method, the ULR-only options (bp-noise takes the same

@@ -147,7 +147,7 @@ def main(argv=None):
     lines += [f"| {r['model']} | {r['case']} | {r['ms']} | {r['ratio_to_forward']} |" for r in rows]
     lines += ["", f"![step time ratios]({stem}.png)"]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    from ulr.plots import ratio_bars
+    from ulr.evaluate.plots import ratio_bars
 
     ratio_bars(rows, out / f"{stem}.png", value="ratio_to_forward", target=2.2,
                xlabel="step time / no-grad forward of K·B rows",

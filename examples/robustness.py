@@ -1,9 +1,10 @@
 """Attack and corrupt two digits MLPs, one trained by ULR and one by backprop.
 
 Trains both with `ulr.train.fit` (the code behind `ulr train`) from the same seed into run
-directories, reads them back with `ulr.robust.load`, and measures their test accuracy under
-FGSM and PGD (L-inf and L2) and the four corruptions with `ulr.robust.evaluate` (the code behind
-`ulr robust`). Budgets `eps` are fractions of the input range [0, 1] (docs/robustness.md).
+directories, reads them back with `ulr.evaluate.robust.load`, and measures their test accuracy under
+FGSM and PGD (L-inf and L2) and the four corruptions with `ulr.evaluate.robust.evaluate` (the
+code behind `ulr robust`). Budgets `eps` are fractions of the input range [0, 1]
+(docs/robustness.md).
 On the command line the same is `ulr train --method ulr bp --out runs/demo` followed by
 `ulr robust runs/demo`.
 
@@ -16,8 +17,8 @@ import tempfile
 
 import torch
 
-from ulr import robust
 from ulr.config import RunConfig
+from ulr.evaluate import robust
 from ulr.train import fit
 
 parser = argparse.ArgumentParser()

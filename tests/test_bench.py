@@ -1,4 +1,5 @@
-"""ulr.bench: the report runs end to end (smoke size), and its pieces measure what they say."""
+"""ulr.evaluate.bench: the report runs end to end (smoke size), and its pieces measure what they
+say."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import ulr
-from ulr import bench
+from ulr.evaluate import bench
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def test_architectures_set_overrides_task_fields(tmp_path):
 
 
 def test_ratio_bars_writes_a_png(tmp_path):
-    from ulr.plots import ratio_bars
+    from ulr.evaluate.plots import ratio_bars
 
     rows = [{"model": m, "case": c, "ratio": r} for m in ("mlp", "vgg8")
             for c, r in (("inference", 1.0), ("ULR replay", 1.08), ("backprop", 1.82))]

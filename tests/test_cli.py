@@ -400,7 +400,7 @@ def test_small_cli_consistency_items(tmp_path, capsys):
     without that GPU); ulr robust takes --no-plots like the other commands."""
     import torch
 
-    from ulr.robust import parser as robust_parser
+    from ulr.evaluate.robust import parser as robust_parser
 
     run = tmp_path / "h32"
     assert main(["train", "--method", "ulr", "--model-arg", "hidden=32", "--max-steps", "1",
@@ -420,7 +420,7 @@ def test_plots_of_a_single_run_and_of_mixed_tasks(tmp_path, capsys):
     """A single-method run draws its own plots (cosine.png with --diag-every); ulr plot draws
     regression runs apart from classification runs (never as 0% accuracy); titles name the
     model and the data."""
-    from ulr.plots import load_run, plot_runs
+    from ulr.evaluate.plots import load_run, plot_runs
 
     cls = tmp_path / "cls"
     assert main(["train", "--method", "ulr", "--epochs", "2", "--diag-every", "5", *FAST,
@@ -435,6 +435,6 @@ def test_plots_of_a_single_run_and_of_mixed_tasks(tmp_path, capsys):
     written = {p.name for p in plot_runs([load_run(cls), load_run(reg)], out)}
     assert {"accuracy_vs_epoch.png", "accuracy_vs_epoch-regression.png",
             "loss_vs_epoch-regression.png", "cosine.png"} <= written
-    from ulr.plots import _subject
+    from ulr.evaluate.plots import _subject
 
     assert _subject([load_run(cls)]) == "mlp on digits"

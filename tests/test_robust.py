@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from ulr import robust
 from ulr.cli import main
 from ulr.config import RunConfig
-from ulr.models import BinaryMLP, BlackBoxMLP, SpikingMLP, build
-from ulr.robust import (
+from ulr.evaluate import robust
+from ulr.evaluate.robust import (
     ATTACKS,
     CORRUPTIONS,
     NotDifferentiableError,
@@ -23,6 +22,7 @@ from ulr.robust import (
     pgd,
     radius,
 )
+from ulr.models import BinaryMLP, BlackBoxMLP, SpikingMLP, build
 from ulr.train import _NoiseInjection, fit
 
 BP = dict(method="bp", epochs=8, threads=1, device="cpu")

@@ -383,7 +383,7 @@ def test_step_lines_with_eta(tmp_path):
 def test_the_best_validation_weights_are_kept_beside_the_latest(tmp_path):
     """best.pt holds the weights of the epoch of best validation accuracy; ulr robust (and
     its load) picks them with weights="best", the latest with "last"."""
-    from ulr import robust
+    from ulr.evaluate import robust
 
     run = tmp_path / "run"
     summary = fit(tiny(epochs=4, lr=0.05), run)  # a large lr: validation accuracy moves

@@ -15,7 +15,7 @@ from .sites import copy_layout, perturb
 
 __version__ = "0.2.0"
 
-_LAZY = ("data", "models", "train", "peers", "bench", "distributed", "finetune")
+_LAZY = ("data", "models", "train", "peers", "evaluate", "distributed", "finetune")
 
 
 def __getattr__(name: str):

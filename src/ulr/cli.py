@@ -1,5 +1,6 @@
 """The ``ulr`` command: ``ulr train``, ``ulr compare``, ``ulr plot`` (and ``ulr bench``,
-``ulr robust``, which have their own parsers in :mod:`ulr.bench` and :mod:`ulr.robust`).
+``ulr robust``, which have their own parsers in :mod:`ulr.evaluate.bench` and
+:mod:`ulr.evaluate.robust`).
 
 ``ulr train`` with no arguments trains the reference MLP on the embedded digits data with the
 likelihood-ratio estimator and with backpropagation, from the same seed, and prints a
@@ -206,12 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", metavar="DIR",
                       help="where the PNGs go (default: the first RUN directory)")
 
-    # Everything after `bench` goes to ulr.bench.main, which has its own parser and --help.
+    # Everything after `bench` goes to ulr.evaluate.bench.main, which has its own parser and --help.
     bench = sub.add_parser("bench", add_help=False, prefix_chars="\0",
                            help="benchmark ULR against backprop, ES, SPSA/MeZO and forward "
                                 "gradient (ulr bench --help)")
     bench.add_argument("args", nargs=argparse.REMAINDER)
-    # Likewise `robust` goes to ulr.robust.main.
+    # Likewise `robust` goes to ulr.evaluate.robust.main.
     robust = sub.add_parser("robust", add_help=False, prefix_chars="\0",
                             help="accuracy of trained runs under FGSM/PGD attacks and natural "
                                  "corruptions (ulr robust --help)")
@@ -220,13 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
+    from .evaluate.bench import main as bench_main
 
     return bench_main(args.args)
 
 
 def _robust(args: argparse.Namespace) -> int:
-    from .robust import main as robust_main
+    from .evaluate.robust import main as robust_main
 
     return robust_main(args.args)
 
@@ -414,14 +415,14 @@ def _execute(planned: list[_Planned], group: Path | None, *, quiet: bool,
         (group / "comparison.json").write_text(json.dumps(summaries, indent=2))
         print(f"\nruns: {group}/{{{','.join(p.label for p in planned)}}}")
         if plots:
-            from .plots import load_run, plot_runs
+            from .evaluate.plots import load_run, plot_runs
 
             written = plot_runs([load_run(p.dir, p.label) for p in planned], group)
             print(f"plots: {', '.join(str(w) for w in written)}")
     else:
         print(f"\nrun directory: {planned[0].dir}")
         if plots:  # a single run draws its own curves (and cosine.png with --diag-every)
-            from .plots import load_run, plot_runs
+            from .evaluate.plots import load_run, plot_runs
 
             written = plot_runs([load_run(planned[0].dir, planned[0].label)], planned[0].dir)
             print(f"plots: {', '.join(str(w) for w in written)}")
@@ -528,7 +529,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .plots import expand_run_dirs, load_run, plot_runs
+    from .evaluate.plots import expand_run_dirs, load_run, plot_runs
     from .train import format_table
 
     dirs = expand_run_dirs(args.runs)

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 @runtime_checkable
 class GradientEstimator(Protocol):
-    """What ``ulr train`` and :mod:`ulr.bench` rely on; :class:`ulr.LikelihoodRatio` and every
-    peer in :mod:`ulr.peers` satisfy it.
+    """What ``ulr train`` and :mod:`ulr.evaluate.bench` rely on; :class:`ulr.LikelihoodRatio`
+    and every peer in :mod:`ulr.peers` satisfy it.
 
     Attributes:
         last_forward_rows: forward rows of the last call: examples × forward evaluations,

@@ -12,7 +12,7 @@ Drawing uses matplotlib's Agg canvas directly, never ``pyplot``, so it does not 
 caller's backend or open windows.
 
 Example:
-    >>> from ulr.plots import load_run, plot_runs
+    >>> from ulr.evaluate.plots import load_run, plot_runs
     >>> runs = [load_run("runs/a/ulr"), load_run("runs/a/bp")]      # doctest: +SKIP
     >>> plot_runs(runs, "runs/a")                                       # doctest: +SKIP
 """

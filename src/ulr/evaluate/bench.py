@@ -19,7 +19,7 @@ Training time is the **CPU time** of this process spent in ``loss_and_grads`` + 
 one torch thread: it equals wall time on an idle core and, unlike wall time, does not depend on
 what else runs on a shared machine. Evaluation is not counted.
 
-Run ``python -m ulr.bench --out docs/results`` (``ulr bench`` once wired), ``--quick`` for a
+Run ``ulr bench --out docs/results`` (or ``python -m ulr.evaluate.bench``), ``--quick`` for a
 reduced version, ``--smoke`` for a seconds-long check. ``benchmarks/peers_quality.py`` and
 ``benchmarks/peers_training.py`` run one part each.
 """
@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import __version__, baselines, plans
-from .estimator import LikelihoodRatio
-from .noise import Gaussian
-from .peers import SPSA, Backprop, EvolutionStrategies, ForwardGradient
-from .samplers import antithetic, iid
+from .. import __version__, baselines, plans
+from ..estimator import LikelihoodRatio
+from ..noise import Gaussian
+from ..peers import SPSA, Backprop, EvolutionStrategies, ForwardGradient
+from ..samplers import antithetic, iid
 
 __all__ = [
     "METHODS",
@@ -236,7 +236,7 @@ _DATA: dict[tuple[str, int], Any] = {}
 
 
 def _dataset(name: str, seed: int):
-    from . import data
+    from .. import data
 
     key = (name, seed)
     if key not in _DATA:
@@ -247,7 +247,7 @@ def _dataset(name: str, seed: int):
 
 
 def _model(name: str, ds, seed: int) -> nn.Module:
-    from . import models
+    from .. import models
 
     # The same initial weights for every method of one seed; the caller's global RNG is kept.
     with torch.random.fork_rng(devices=[]):
@@ -435,7 +435,7 @@ def train_run(dataset: str, model_name: str, method: str, lr: float, seed: int,
     est = build_estimator(method, model, _gen(seed, 2))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     data_gen = _gen(seed, 1)
-    from .data import batches
+    from ..data import batches
 
     marks = sorted({min(1.0, max(0.0, f)) for f in eval_fractions})
     curve = [{"cpu_s": 0.0, "wall_s": 0.0, "rows": 0, "steps": 0,
@@ -1085,7 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
             print("wrote " + ", ".join(str(f) for f in files))
         return 0
     settings = settings_from(args)
-    prog = "python -m ulr.bench" if sys.argv[0].endswith("bench.py") else "ulr bench"
+    prog = "python -m ulr.evaluate.bench" if sys.argv[0].endswith("bench.py") else "ulr bench"
     command = prog + " " + " ".join(sys.argv[1:] if argv is None else argv)
     partial = Path(args.out) / "peers-report.partial.json"
     result = run(settings, args.parts, command=command.strip(), verbose=not args.quiet,

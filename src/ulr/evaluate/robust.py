@@ -42,7 +42,7 @@ evaluated on them.
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from ulr.robust import evaluate
+    >>> from ulr.evaluate.robust import evaluate
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
@@ -604,7 +604,7 @@ _DATA_CACHE: dict[tuple, Any] = {}
 
 
 def _dataset(name: str, root: str | None, seed: int, val_fraction: float) -> Any:
-    from . import data
+    from .. import data
 
     key = (name, root, seed, val_fraction)
     if key not in _DATA_CACHE:
@@ -629,8 +629,8 @@ def load(path: str | Path, *, split: str = "test", limit: int | None = None,
         ValueError: an unreadable checkpoint, a regression run (accuracy is undefined), an
             empty split, or a bad ``split``/``limit``/``weights``.
     """
-    from .config import RunConfig
-    from .train import _build_model
+    from ..config import RunConfig
+    from ..train import _build_model
 
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
@@ -649,7 +649,7 @@ def load(path: str | Path, *, split: str = "test", limit: int | None = None,
                          ) from None
     ds = _dataset(config.data, config.data_dir, config.seed if split == "val" else 0,
                   config.val_fraction if split == "val" else 0.1)
-    from .data import Dataset
+    from ..data import Dataset
 
     if not isinstance(ds, Dataset) or ds.task != "classification":
         raise ValueError(f"{ckpt_path}: dataset {config.data!r} is not a classification task "
@@ -885,8 +885,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "method": loaded.config["method"], "model": loaded.config["model"],
                         "data": loaded.config["data"], "seed": loaded.config["seed"],
                         "value_range": list(vr), "rows": rows})
-    from . import __version__
-    from .train import environment
+    from .. import __version__
+    from ..train import environment
 
     record = {
         "command": "ulr robust " + " ".join(args.argv),
