@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ... import __version__
+from ..plots import figure
 from .harness import BATCH, mean_std, pm
 from .methods import METHODS
 from .tta import LR_LADDER
@@ -249,11 +250,10 @@ def floors(result: dict[str, Any]) -> list[str]:
 
 
 def _plots(result: dict[str, Any], out: Path) -> dict[str, Path]:
+    """The report's figures by key (``quality-<model>``, ``tta-<dataset>-<model>``); none
+    without matplotlib. Drawn on Agg canvases of :func:`ulr.evaluate.plots.figure`, never
+    ``pyplot``, so the caller's matplotlib backend is left alone."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         from matplotlib.ticker import NullFormatter
     except ImportError:
         return {}
@@ -267,8 +267,8 @@ def _plots(result: dict[str, Any], out: Path) -> dict[str, Path]:
             continue
         states = sorted({r["state"] for r in rows}, key=["init", "trained"].index)
         layers = list(rows[0]["layers"])
-        fig, axes = plt.subplots(len(states), len(layers) + 1, squeeze=False,
-                                 figsize=(3.2 * (len(layers) + 1), 2.8 * len(states)))
+        fig = figure(ncols=len(layers) + 1, nrows=len(states), width=3.2, height=2.8)
+        axes = fig.subplots(len(states), len(layers) + 1, squeeze=False)
         for i, state in enumerate(states):
             for j, layer in enumerate(["mean over layers", *layers]):
                 ax = axes[i][j]
@@ -294,10 +294,8 @@ def _plots(result: dict[str, Any], out: Path) -> dict[str, Path]:
                 if j == 0:
                     ax.set_ylabel("cosine with true gradient")
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
         path = out / f"peers-quality-{model_name}.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         figs[f"quality-{model_name}"] = path
 
     runs = [r for r in result.get("tta") or [] if r.get("selected")]
@@ -305,7 +303,8 @@ def _plots(result: dict[str, Any], out: Path) -> dict[str, Path]:
         rs = [r for r in runs if r["dataset"] == dataset and r["model"] == model_name]
         if not rs:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        fig = figure(ncols=2, width=5.0, height=3.6)
+        axes = fig.subplots(1, 2)
         for method in result["settings"]["methods"]:
             mr = [r for r in rs if r["method"] == method]
             if not mr:
@@ -328,10 +327,8 @@ def _plots(result: dict[str, Any], out: Path) -> dict[str, Path]:
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{dataset}, {model_name}", fontsize=10)
-        fig.tight_layout()
         path = out / f"peers-tta-{dataset}-{model_name}.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         figs[f"tta-{dataset}-{model_name}"] = path
     return figs
 
