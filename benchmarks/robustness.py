@@ -235,7 +235,7 @@ def verdict(rows: list[dict], suite: str) -> list[str]:
         return next((r for r in rows if r["suite"] == suite and r["method"] == method
                      and r["seed"] == seed), None)
 
-    conditions = robust._conditions(results_of(rows, suite))
+    conditions = robust.condition_names(results_of(rows, suite))
     groups = {"attack": [c for c in conditions if c.split()[0] in robust.ATTACKS],
               "corruption": [c for c in conditions if c.split()[0] in robust.CORRUPTIONS]}
     for a, b in PAIRS:

@@ -19,106 +19,21 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Run", "expand_run_dirs", "load_run", "plot_runs", "ratio_bars"]
+# The run records come from .runs, the one reader of run directories in this package; they stay
+# importable from here, where the figures that use them are.
+from .runs import Run, expand_run_dirs, load_run
+
+__all__ = ["Run", "expand_run_dirs", "figure", "load_run", "plot_runs", "ratio_bars"]
 
 
-@dataclass
-class Run:
-    """The records of one run directory.
-
-    Attributes:
-        label: name in legends (the run's label, else the directory name).
-        path: the run directory.
-        config: the resolved config (``config.json``), or ``{}``.
-        summary: ``summary.json`` if the run finished, else ``None``.
-        epochs: the ``kind == "epoch"`` rows of ``metrics.jsonl``, in order.
-        diags: the ``kind == "diag"`` rows.
-    """
-
-    label: str
-    path: Path
-    config: dict[str, Any] = field(default_factory=dict)
-    summary: dict[str, Any] | None = None
-    epochs: list[dict[str, Any]] = field(default_factory=list)
-    diags: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def regression(self) -> bool:
-        if self.summary is not None:
-            return self.summary.get("task") == "regression"
-        return bool(self.epochs) and self.epochs[-1].get("test_acc") is None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def load_run(path: str | Path, label: str | None = None) -> Run:
-    """Read a run directory.
-
-    Raises:
-        FileNotFoundError: ``path`` has no ``metrics.jsonl``.
-    """
-    path = Path(path)
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        raise FileNotFoundError(f"{path} is not a run directory: it has no metrics.jsonl "
-                                f"(run directories are written by ulr train)")
-    run = Run(label or "", path, _read_json(path / "config.json") or {},
-              _read_json(path / "summary.json"))
-    start_label = None
-    for line in metrics.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        kind = row.get("kind")
-        if kind == "epoch":
-            run.epochs.append(row)
-        elif kind == "diag":
-            run.diags.append(row)
-        elif kind == "start" and start_label is None:
-            start_label = row.get("label")
-    if not run.label:
-        run.label = (run.summary or {}).get("label") or start_label or path.name
-    return run
-
-
-def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run directories among ``paths``; a directory of runs (as ``ulr compare`` writes) stands
-    for the runs in it, in ``group.json`` order when present.
-
-    Raises:
-        FileNotFoundError: a path that neither is nor contains a run directory.
-    """
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if (p / "metrics.jsonl").is_file():
-            found.append(p)
-            continue
-        group = _read_json(p / "group.json")
-        if group is not None:
-            subs = [p / r["dir"] for r in group.get("runs", [])]
-        else:
-            subs = sorted(d for d in p.iterdir() if d.is_dir()) if p.is_dir() else []
-        subs = [d for d in subs if (d / "metrics.jsonl").is_file()]
-        if not subs:
-            raise FileNotFoundError(f"{p} is neither a run directory (with metrics.jsonl) nor "
-                                    f"a directory of runs")
-        found.extend(subs)
-    return found
-
-
-def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 4.2) -> Any:
+def figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 4.2) -> Any:
+    """A matplotlib ``Figure`` of ``ncols`` x ``nrows`` panels of ``width`` x ``height`` inches
+    each, drawn on its own Agg canvas (no ``pyplot``: the caller's backend is left alone), with
+    constrained layout. Save it with ``fig.savefig(path)``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -177,7 +92,7 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path, suffix: str = "") -> lis
     colors = [f"C{i % 10}" for i in range(len(runs))]
     written = []
 
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     for run, c in zip(runs, colors):
         for split, style in (("test", "-"), ("val", ":")):
@@ -194,7 +109,7 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path, suffix: str = "") -> lis
     _legend(ax)
     written.append(_save(fig, out / f"accuracy_vs_epoch{suffix}.png"))
 
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     for run, c in zip(runs, colors):
         key, scale = _metric(run, "test")
@@ -209,7 +124,7 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path, suffix: str = "") -> lis
     _legend(ax)
     written.append(_save(fig, out / f"accuracy_vs_time{suffix}.png"))
 
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     for run, c in zip(runs, colors):
         xs, ys = _series(run.epochs, "epoch", "train_loss", 1.0)
@@ -224,7 +139,7 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path, suffix: str = "") -> lis
 
     with_diag = [r for r in runs if r.diags]
     if with_diag:
-        fig = _figure(ncols=len(with_diag), nrows=2, height=3.4)
+        fig = figure(ncols=len(with_diag), nrows=2, height=3.4)
         axes = fig.subplots(2, len(with_diag), squeeze=False, sharex="col")
         for j, run in enumerate(with_diag):
             layers = list(dict.fromkeys(k for d in run.diags for k in d.get("cosine", {})))
@@ -257,7 +172,7 @@ def ratio_bars(rows: Sequence[dict[str, Any]], path: str | Path, *, value: str, 
     (benchmark tables: ratios to a reference), with the reference at 1 and an optional
     ``target`` line. Returns the PNG's path."""
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig = _figure(ncols=len(models), width=4.8, height=0.45 * max(
+    fig = figure(ncols=len(models), width=4.8, height=0.45 * max(
         sum(r["model"] == m for r in rows) for m in models) + 1.4)
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, model in zip(axes, models, strict=True):

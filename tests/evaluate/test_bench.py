@@ -45,7 +45,7 @@ def test_report_files_and_contents(smoke_report):
 @pytest.mark.parametrize("level", [9, 33])
 def test_estimators_are_sized_to_the_row_budget(level):
     ds = ulr.data.load("digits", seed=0)
-    model = bench._model("mlp", ds, 0)
+    model = bench.initial_model("mlp", ds, 0)
     x, y = ds.train[0][:bench.BATCH], ds.train[1][:bench.BATCH]
     spent = {}
     for key in bench.METHODS:
@@ -72,10 +72,10 @@ def test_train_run_records_a_curve():
 
 def test_same_initial_weights_for_every_method():
     ds = ulr.data.load("digits", seed=0)
-    a, b = bench._model("mlp", ds, 1), bench._model("mlp", ds, 1)
+    a, b = bench.initial_model("mlp", ds, 1), bench.initial_model("mlp", ds, 1)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     state = torch.get_rng_state()
-    bench._model("mlp", ds, 2)
+    bench.initial_model("mlp", ds, 2)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
 
 
@@ -85,7 +85,7 @@ def test_peak_memory_sees_an_allocation():
         b = a * 2  # another 4 MiB while a is alive
         del a, b
 
-    assert 7.5 * 2**20 <= bench._peak_step_memory(step) <= 9 * 2**20
+    assert 7.5 * 2**20 <= bench.peak_step_memory(step) <= 9 * 2**20
 
 
 def test_quality_floor_ratios():
