@@ -248,7 +248,7 @@ def test_replay_never_draws_a_whole_site(monkeypatch, cnn):
     def whole(*args, **kwargs):
         raise AssertionError("replay drew all K·B rows of a site at once")
 
-    monkeypatch.setattr(ulr.estimator._PassRun, "_noise", whole)
+    monkeypatch.setattr(ulr.estimator.forward.PassRun, "_noise", whole)
     x, y = torch.randn(3, 1, 6, 6), torch.randint(0, 3, (3,))
     est = ulr.LikelihoodRatio(cnn, num_copies=4, memory="replay")
     est.loss_and_grads(ce, x, y)

@@ -111,7 +111,7 @@ def test_tasks_run_in_worker_threads_overlapping_the_next_pass():
         seen.add(threading.current_thread().name.split("_")[0])
         return real(module, inputs, signal)
 
-    import ulr.estimator as est_mod
+    import ulr.estimator.records as est_mod
 
     est_mod.module_grads, old = spy, est_mod.module_grads
     try:

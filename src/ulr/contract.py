@@ -59,13 +59,14 @@ def check_positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def make_generator(generator: torch.Generator | None) -> torch.Generator:
-    """The estimator's private generator: the given one, or one seeded from a single draw of
-    torch's global RNG (so ``torch.manual_seed`` makes runs reproducible, as in
-    :class:`ulr.LikelihoodRatio`). The global RNG is never reseeded."""
+def make_generator(generator: torch.Generator | None,
+                   device: torch.device | str = "cpu") -> torch.Generator:
+    """The estimator's private generator: the given one, or one on ``device`` seeded from a
+    single draw of torch's global RNG (so ``torch.manual_seed`` makes runs reproducible). The
+    global RNG is never reseeded."""
     if generator is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-        return torch.Generator().manual_seed(seed)
+        return torch.Generator(device=device).manual_seed(seed)
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
     return generator
@@ -92,10 +93,11 @@ def draw_seeds(generator: torch.Generator, n: int) -> list[int]:
     return torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
 
 
-def trainable(model: nn.Module, exclude: Iterable[str]) -> list[tuple[str, nn.Parameter]]:
+def trainable(model: nn.Module, exclude: Iterable[str], *,
+              required: bool = True) -> list[tuple[str, nn.Parameter]]:
     """Parameters with ``requires_grad`` whose names match no ``exclude`` pattern, in
-    ``named_parameters()`` order. Raises ``ValueError`` when there is none, or when a pattern
-    matches no parameter."""
+    ``named_parameters()`` order. Raises ``ValueError`` when a pattern matches no parameter,
+    or (with ``required``) when there is none."""
     exclude = tuple(exclude)
     names = [n for n, _ in model.named_parameters()]
     for pattern in exclude:
@@ -104,7 +106,7 @@ def trainable(model: nn.Module, exclude: Iterable[str]) -> list[tuple[str, nn.Pa
                              f"the parameters are {names}")
     params = [(n, p) for n, p in model.named_parameters()
               if p.requires_grad and not any(fnmatch.fnmatchcase(n, e) for e in exclude)]
-    if not params:
+    if not params and required:
         raise ValueError(f"{type(model).__name__} has no trainable parameter to estimate a "
                          f"gradient for (all frozen or excluded)")
     return params
@@ -160,13 +162,16 @@ def call_loss(loss_fn: Callable[..., Tensor], outputs: Any, targets: Any, rows: 
     return losses
 
 
-def check_finite(value: Tensor, rows: int) -> None:
+def check_finite(value: Tensor, rows: int | None = None, *, where: str = "") -> None:
+    """Refuse non-finite losses (``value``: the losses of ``rows`` rows, default all of
+    ``value``; ``where`` adds to the message, e.g. ", on all ranks together")."""
     bad = int((~torch.isfinite(value.detach())).sum())
     if bad:
         raise ValueError(
-            f"loss_fn returned non-finite losses (NaN/inf) in a pass over {rows} rows; no "
-            f"gradient was written. Lower the perturbation scale or the learning rate, or check "
-            f"the loss")
+            f"loss_fn returned {bad} non-finite losses out of "
+            f"{value.numel() if rows is None else rows} (NaN/inf{where}); no gradient was "
+            f"written. Lower the noise (perturbation) scale or the learning rate, or check the "
+            f"loss")
 
 
 def accumulate(params: list[tuple[str, nn.Parameter]], grads: list[Tensor]) -> None:

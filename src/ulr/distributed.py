@@ -59,22 +59,23 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .baselines import Context
-from .estimator import LikelihoodRatio, _add, replicate
-from .plans import Pass
+from .estimator import LikelihoodRatio
+from .estimator.forward import Mode, StopPass
+from .estimator.memory import PassJob, check_losses, loss_sweep
 
 __all__ = [
     "DistributedLikelihoodRatio",
@@ -220,10 +221,6 @@ def all_reduce_grads(params: Sequence[Tensor], *, average: bool = False) -> int:
 # The estimator
 
 
-class _RebuildDoneError(Exception):
-    """Raised inside a rebuild forward once every perturbed site has become gradients."""
-
-
 class DistributedLikelihoodRatio(LikelihoodRatio):
     """:class:`ulr.LikelihoodRatio` with the noise copies of each pass split over the ranks
     of a ``torch.distributed`` process group (see the module docstring).
@@ -265,270 +262,96 @@ class DistributedLikelihoodRatio(LikelihoodRatio):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.last_bytes_sent = 0
-        self._rebuild: tuple[dict[str, int], dict[str, int]] | None = None
-        # Loss exchange with memory="store": the noise of all K copies that this rank's forward
-        # drew (every rank draws all of it) is kept for the rebuild instead of drawn again.
-        self._kept_noise: list[Tensor] | None = None
-        self._replay_pos: int | None = None
-        self._pending: list[dict] = []
-        self._local: dict[Tensor, Tensor] = {}
-        self._num_passes: int | None = None
+        if exchange == "losses":
+            self._pass_mode = functools.partial(_rebuild, store=self.memory == "store",
+                                                world_size=self.world_size)
+
+    # Each pass runs this rank's noisy forward at once; everything that needs the other ranks
+    # waits for the last pass of the step, so a step has one all-gather of the losses of every
+    # pass and (exchange="grads") one all-reduce, whatever the number of passes.
+    _one_exchange_per_step = True
 
     def __repr__(self) -> str:
         return (super().__repr__()[:-1] + f", exchange={self.exchange!r}, "
                 f"rank={self.rank}/{self.world_size})")
 
-    # -- collectives ------------------------------------------------------------------------------
-    def _gather_losses(self, pending: list[dict], batch: int) -> list[Tensor]:
+    def _owned_copies(self, num_copies: int) -> tuple[int, int]:
+        return copy_range(num_copies, self.rank, self.world_size)
+
+    def _gather_losses(self, parts: list[tuple[tuple[int, int], Tensor]],
+                       num_copies: list[int]) -> list[tuple[tuple[int, int], Tensor]]:
         """One all-gather of this rank's losses of every pass; returns each pass's losses of
-        all ranks, copy-major ``[K_s·B]``."""
-        local = torch.cat([item["losses"] for item in pending])
+        all ranks, copy-major ``[K_s·B]``. Non-finite losses on one rank stop every rank (they
+        are refused after the gather, on all ranks at once, not before it)."""
+        (c0, c1), first = parts[0]
+        batch = first.numel() // (c1 - c0)
+        local = torch.cat([losses for _, losses in parts])
         sizes = [[(k1 - k0) * batch for k0, k1 in
-                  (copy_range(item["spec"].num_copies, r, self.world_size)
-                   for item in pending)] for r in range(self.world_size)]
+                  (copy_range(k, r, self.world_size) for k in num_copies)]
+                 for r in range(self.world_size)]
         width = max(sum(s) for s in sizes)
         padded = local.new_zeros(width)
         padded[:local.numel()] = local
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded, group=self.group)
-        self.last_bytes_sent += padded.numel() * padded.element_size()
-        per_rank = [list(torch.split(part[:sum(s)], s)) for part, s in zip(parts, sizes)]
-        return [torch.cat([per_rank[r][i] for r in range(self.world_size)])
-                for i in range(len(pending))]
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded, group=self.group)
+        self.last_bytes_sent = padded.numel() * padded.element_size()
+        per_rank = [list(torch.split(part[:sum(s)], s)) for part, s in zip(gathered, sizes)]
+        losses = [torch.cat([per_rank[r][i] for r in range(self.world_size)])
+                  for i in range(len(parts))]
+        check_losses(losses, where=", on all ranks together")
+        return [((0, k), pass_losses) for k, pass_losses in zip(num_copies, losses)]
 
-    def _all_reduce(self, local: dict[Tensor, Tensor], grads: dict[Tensor, Tensor]) -> None:
-        # One flat buffer per step. Every rank ran the same passes and sites, so the dicts hold
-        # the same parameters in the same (forward) order.
-        if not local:
+    def _finish_grads(self, grads: dict[Tensor, Tensor]) -> None:
+        # exchange="grads": one flat all-reduce of the step's partial gradients. Every rank
+        # ran the same passes and sites, so the dicts hold the same parameters in the same
+        # (forward) order.
+        if self.exchange != "grads" or not grads:
             return
-        items = list(local.items())
+        items = list(grads.items())
         flat = torch.cat([g.reshape(-1) for _, g in items])
         dist.all_reduce(flat, group=self.group)
         self.last_bytes_sent += flat.numel() * flat.element_size()
         offset = 0
         for p, g in items:
             n = g.numel()
-            _add(grads, p, flat[offset:offset + n].view_as(g).to(g.dtype))
+            grads[p] = flat[offset:offset + n].view_as(g).to(g.dtype)
             offset += n
 
-    # -- losses -----------------------------------------------------------------------------------
-    def _losses(self, loss_fn: Callable, outputs: Any, targets: Any, rows: int) -> Tensor:
-        # Non-finite losses on one rank must stop every rank, not leave the others waiting in
-        # the gather: they travel as NaN and are refused after it, on every rank at once.
-        with torch.no_grad():
-            raw = loss_fn(outputs) if targets is None else loss_fn(outputs, targets)
-        bad = None
-        if isinstance(raw, Tensor) and raw.is_floating_point():
-            mask = ~torch.isfinite(raw)
-            if bool(mask.any()):
-                bad, raw = mask, raw.masked_fill(mask, 0.0)
-        losses = super()._losses(lambda *_: raw, outputs, targets, rows)
-        return losses if bad is None else losses.masked_fill(bad.reshape(rows), float("nan"))
 
-    # -- noise kept for the rebuild ---------------------------------------------------------------
-    def _sample(self, site: Any, row_shape: torch.Size, num_copies: int, batch: int,
-                device: torch.device) -> Tensor:
-        if self._replay_pos is not None:  # the rebuild draws in the order the forward drew
-            z = self._kept_noise[self._replay_pos]
-            self._replay_pos += 1
-            return z
-        z = super()._sample(site, row_shape, num_copies, batch, device)
-        if self._kept_noise is not None:
-            self._kept_noise.append(z.clone() if self.world_size == 1 else z)
-        return z
-
-    def _noise_blocks(self, site: Any, row_shape: torch.Size, num_copies: int, batch: int,
-                      device: torch.device, copies: tuple[int, int] | None = None
-                      ) -> Iterator[tuple[int, Tensor]]:
-        if self._replay_pos is None and self._kept_noise is None:
-            yield from super()._noise_blocks(site, row_shape, num_copies, batch, device,
-                                             copies=copies)
-            return
-        # keeping or rebuilding from the kept noise: one block, through _sample
-        yield 0, self._sample(site, row_shape, num_copies, batch, device).view(
-            num_copies, batch, *row_shape)
-
-    def _snapshot(self) -> tuple:
-        return (*super()._snapshot(), self._replay_pos)
-
-    def _restore(self, snapshot: tuple) -> None:
-        super()._restore(snapshot)
-        if self._rebuild is not None or self._replay_pos is not None:
-            # Only a retried rebuild forward (autograd turned on midway) restores while a
-            # rebuild runs: start the counts again, and draw the noise again (the kept noise
-            # was consumed in place; the generator is back at the start of the pass).
-            if self._rebuild is not None:
-                self._rebuild = (self._rebuild[0], dict.fromkeys(self._rebuild[0], 0))
-            self._replay_pos = self._kept_noise = None
-
-    # -- early stop of a rebuild ------------------------------------------------------------------
-    def _count_calls(self, spec: Pass) -> tuple[list[Any], dict[str, int]] | None:
-        """Hooks counting the calls of the pass's perturbed site modules (for the rebuild's
-        stop), or None when the rebuild cannot stop early (every site, or marks)."""
-        if spec.sites is None:
-            return None
-        mods = {s.name: m for m, s in self._module_sites.items() if s.name in spec.sites}
-        if set(mods) != set(spec.sites):  # a mark site: no module to count
-            return None
-        calls = dict.fromkeys(mods, 0)
-
-        def hook(name: str) -> Callable:
-            def count(*_: Any) -> None:
-                calls[name] += 1
-            return count
-
-        handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
-        return handles, calls
-
-    def _sites_done(self, sites: list[Any]) -> None:
-        if self._rebuild is None:
-            return
-        expected, done = self._rebuild
-        for site in sites:
-            if site.name in done:
-                done[site.name] += 1
-        if all(done[n] >= c for n, c in expected.items()):
-            raise _RebuildDoneError
-
-    # -- passes -----------------------------------------------------------------------------------
-    # Each pass runs this rank's noisy forward at once; everything that needs the other ranks
-    # waits for the last pass of the step, so a step has one all-gather of the losses of every
-    # pass and (exchange="grads") one all-reduce, whatever the number of passes.
-    def _estimate_pass(self, spec: Pass, loss_fn: Callable, inputs: Any, targets: Any,
-                       batch: int, clean: Tensor | None, grads: dict[Tensor, Tensor],
-                       params: list[nn.Parameter]) -> tuple[float, int, int]:
-        if not self._pending:  # the first pass of the step: how many will run
-            names = self._site_names if self.plan.needs_site_names else ()
-            self._num_passes = len(self.plan.passes(names, self.num_copies))
-        k = spec.num_copies
-        self.sampler.check_num_copies(k)
-        groups = self.sampler.copy_groups(k)
-        self.baseline.check(k, groups)
-        k0, k1 = copy_range(k, self.rank, self.world_size)
-        expand = self._cache_prefix(spec)
-        wanted = {id(p) for p in params}
-        sink = (self._local if self.exchange == "grads" else grads, wanted, params)
-
-        if self.memory == "chunked":
-            chunks = [(c, min(c + self.chunk_size, k1)) for c in range(k0, k1, self.chunk_size)]
-        else:
-            chunks = [(k0, k1)]
-        start = self._snapshot()
-        counting = self._count_calls(spec) if self.exchange == "losses" else None
-        if self.exchange == "losses" and self.memory == "store":
-            self._kept_noise = []
-        stored, parts, rows = None, [], 0
-        try:
-            for ch in chunks:
-                self._restore(start)
-                record = self.exchange == "grads" and self.memory == "store"
-                with torch.set_grad_enabled(record and torch.is_grad_enabled()):
-                    out, run = self._forward(spec, inputs, batch, copies=ch, expand=expand,
-                                             record=record, sink=sink)
-                    if not run.fired:
-                        raise self._no_site_error()
-                    c = run.num_copies
-                    parts.append(self._losses(
-                        loss_fn, out, targets if c == 1 else replicate(targets, c), run.rows))
-                stored = run if record else None
-                del out
-                rows += (ch[1] - ch[0]) * batch
-                if counting is not None:  # calls per forward: count the first chunk only
-                    for h in counting[0]:
-                        h.remove()
-                    counting[0].clear()
-        finally:
-            if counting is not None:
-                for h in counting[0]:
-                    h.remove()
-        self._pending.append({
-            "spec": spec, "copies": (k0, k1), "groups": groups, "expand": expand, "sink": sink,
-            "chunks": chunks, "start": start, "end": self._snapshot(), "losses": torch.cat(parts),
-            "stored": stored, "kept": self._kept_noise,
-            "calls": counting[1] if counting is not None else None})
-        self._kept_noise = None
-        if len(self._pending) < self._num_passes:
-            return 0.0, 0, rows
-        total, count, extra = self._finish(inputs, batch, clean, grads)
-        return total, count, rows + extra
-
-    def _finish(self, inputs: Any, batch: int, clean: Tensor | None,
-                grads: dict[Tensor, Tensor]) -> tuple[float, int, int]:
-        """After the last pass: gather every pass's losses, then weights and gradients."""
-        pending, self._pending = self._pending, []
-        losses = self._gather_losses(pending, batch)
-        bad = sum(int((~torch.isfinite(pl)).sum()) for pl in losses)
-        if bad:
-            raise ValueError(
-                f"loss_fn returned {bad} non-finite losses out of "
-                f"{sum(pl.numel() for pl in losses)} (NaN/inf, on all ranks together); no "
-                f"gradient was written. Lower the noise scale or the learning rate, or check "
-                f"the loss")
-        rows = 0
-        for item, pass_losses in zip(pending, losses):
-            spec, k = item["spec"], item["spec"].num_copies
-            k0, k1 = item["copies"]
-            weights = self.baseline(pass_losses.view(k, batch),
-                                    Context(item["groups"], clean, spec.key)).reshape(-1)
-            if self.exchange == "losses":
-                rows += self._rebuild_pass(item, inputs, batch, weights)
-            elif item["stored"] is not None:
-                run = item.pop("stored")
-                self._record_grads(run.records, run, weights[k0 * batch:k1 * batch],
-                                   *item["sink"])
-            else:  # replay / chunked: a second forward of this rank's copies with weights
-                for ch in item["chunks"]:
-                    self._restore(item["start"])
-                    w = weights[ch[0] * batch:ch[1] * batch]
-                    if self.memory == "replay":
-                        self._forward(spec, inputs, batch, copies=ch, expand=item["expand"],
-                                      record=False, weights=w, sink=item["sink"])
-                    else:
-                        _, run = self._forward(spec, inputs, batch, copies=ch,
-                                               expand=item["expand"], record=True,
-                                               sink=item["sink"])
-                        self._record_grads(run.records, run, w, *item["sink"])
-                    rows += (ch[1] - ch[0]) * batch
-        self._restore(pending[-1]["end"])
-        if self.exchange == "grads":
-            self._all_reduce(self._local, grads)
-            self._local = {}
-        total = sum(float(pl.sum()) for pl in losses)
-        return total, sum(pl.numel() for pl in losses), rows
-
-    def _rebuild_pass(self, item: dict, inputs: Any, batch: int, weights: Tensor) -> int:
-        """Every copy's gradient of one pass from the gathered weights: the pass again from
-        its start, sites turned into gradients as they fire, stopped after the last one."""
-        spec = item["spec"]
-        self._restore(item["start"])
-        if item["calls"] is not None:
-            self._rebuild = (item["calls"], dict.fromkeys(item["calls"], 0))
-        if item["kept"] is not None:
-            self._kept_noise, self._replay_pos = item.pop("kept"), 0
-        try:
-            self._forward(spec, inputs, batch, copies=(0, spec.num_copies),
-                          expand=item["expand"], record=False, weights=weights,
-                          sink=item["sink"])
-        except _RebuildDoneError:
-            pass
-        finally:
-            self._rebuild = None
-            self._kept_noise = self._replay_pos = None
-        return batch if item["expand"] else spec.num_copies * batch
-
-    def loss_and_grads(self, loss_fn: Callable[..., Tensor], inputs: Any,
-                       targets: Any = None) -> Tensor:
-        """As :meth:`ulr.LikelihoodRatio.loss_and_grads`, with this rank's share of the copies;
-        every rank gets the same gradient and the mean loss over all ranks' rows."""
-        self.last_bytes_sent = 0
-        self._pending, self._local = [], {}
-        # The passes this call will run (the site names are learnt first if the plan needs
-        # them): the last one finishes the step.
-        self._num_passes = None
-        try:
-            return super().loss_and_grads(loss_fn, inputs, targets)
-        finally:
-            self._pending, self._local = [], {}
+def _rebuild(job: PassJob, *, store: bool, world_size: int):
+    """The pass mode of ``exchange="losses"``: this rank's copies give the losses; once the
+    weights of all copies are known, the pass runs again from its start with the noise of
+    every copy (kept from the first forward with ``store``: every rank draws all of it; drawn
+    again from the same generator state otherwise), each site turned into gradients as it
+    fires, and stops once every perturbed site of the pass is done."""
+    stream = job.est.noise_stream
+    start = job.snapshot()
+    if store:
+        stream.keep(clone=world_size == 1)
+    try:
+        losses, first, _ = loss_sweep(job, start)
+    finally:
+        kept = stream.kept() if store else None
+    plan_pass = job.setup.plan_pass
+    weights = yield job.copies, losses
+    # The rebuild can stop early when it knows how often each perturbed site is called: not
+    # with every site perturbed, nor with marks (no module to count).
+    modules = {s.name for s in job.est.sites.modules.values()}
+    if plan_pass.sites is not None and set(plan_pass.sites) <= modules:
+        job.setup.stop_after = {n: first.calls.get(n, 0) for n in plan_pass.sites}
+    job.restore(start)
+    stream.replay(kept)
+    rows = job.forward_rows
+    try:
+        job.forward((0, plan_pass.num_copies), Mode.REPLAY, weights.of((0, plan_pass.num_copies),
+                                                                       job.batch))
+    except StopPass:
+        pass
+    finally:
+        stream.stop()
+        job.setup.stop_after = None
+    k = plan_pass.num_copies
+    job.forward_rows = rows + (job.batch if job.setup.shared else k * job.batch)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ class NoiseSchedule:
     """Set every noise scale to ``initial_scale · factor(step)`` at each :meth:`step`.
 
     Args:
-        noises: a :class:`~ulr.LikelihoodRatio` (all the noises of its sites) or noises.
+        noises: a :class:`~ulr.LikelihoodRatio` (all its noises, from its ``noises()``) or
+            noises.
         factor: ``step -> multiplier`` (``step`` counts calls of :meth:`step`, starting at 0),
             e.g. ``lambda s: 0.99 ** s`` or a cosine decay to a floor.
 
@@ -34,13 +35,8 @@ class NoiseSchedule:
     """
 
     def __init__(self, noises: Any, factor: Callable[[int], float]) -> None:
-        if hasattr(noises, "_module_sites"):
-            est = noises
-            found = [s.noise for s in est._module_sites.values()]
-            found += [s.noise for s in est._mark_sites.values() if s is not None]
-            if isinstance(est.noise, Noise):
-                found.append(est.noise)
-            noises = found
+        if callable(getattr(noises, "noises", None)):  # an estimator: see LikelihoodRatio.noises
+            noises = noises.noises()
         unique: dict[int, Noise] = {}
         for n in noises if isinstance(noises, Iterable) else [noises]:
             if not isinstance(n, Noise):
