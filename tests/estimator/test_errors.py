@@ -91,7 +91,7 @@ def test_exclude_pattern_must_match(mlp):
 
 
 def test_batchnorm_needs_no_warning_in_either_mode():
-    """Train-mode BatchNorm is handled (tests/test_no_silent_bias.py), eval mode is plain."""
+    """Train-mode BatchNorm is handled (test_no_silent_bias.py), eval mode is plain."""
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
     import warnings
