@@ -5,6 +5,7 @@ no estimator runs."""
 import pytest
 import torch
 from torch import nn
+from toy_models import Cell
 
 import ulr
 from ulr import sites
@@ -80,22 +81,6 @@ def test_as_spec_normalises_the_sites_argument():
 
 def test_copy_layout_is_none_when_idle():
     assert ulr.copy_layout() is None
-
-
-class Cell(nn.Module):
-    """A hand-written RNN: the Linear modules are used at every step; the pre-activation of
-    each step is a mark, so no backward runs through time."""
-
-    def __init__(self, n_in=3, n_h=8, n_out=2):
-        super().__init__()
-        self.wx, self.wh = nn.Linear(n_in, n_h), nn.Linear(n_h, n_h)
-        self.out = nn.Linear(n_h, n_out)
-
-    def forward(self, x):
-        h = x.new_zeros(x.shape[0], self.wh.in_features)
-        for t in range(x.shape[1]):
-            h = torch.tanh(ulr.perturb("pre", self.wx(x[:, t]) + self.wh(h)))
-        return self.out(h)
 
 
 def test_perturb_is_identity_when_idle():

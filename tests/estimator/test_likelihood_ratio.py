@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import BASELINES, NOISES, PLANS, SAMPLERS, ce
 from reference import reference_grads
 from torch import nn
+from toy_models import Block, Cell
 
 import ulr
 
@@ -150,23 +151,6 @@ def test_returns_mean_noisy_loss_and_counts_rows(mlp):
     assert est.last_forward_rows == 5 + 20 + 10
 
 
-class Block(nn.Module):
-    """LayerNorm + attention-like mixing + an owned scale: no closed form anywhere."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(10, 8)
-        self.norm = nn.LayerNorm(8)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.scale = nn.Parameter(torch.ones(8))
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, tokens):
-        h = self.norm(self.emb(tokens))
-        h, _ = self.attn(h, h, h, need_weights=False)
-        return self.head((h * self.scale).mean(1))
-
-
 def _smoothed_grad_cos(model, x, y, sites, k=4000, sigma=0.01):
     model.zero_grad()
     ce(model(x), y).mean().backward()
@@ -199,22 +183,6 @@ def test_hybrid_sites_at_block_outputs_backprop_inside_blocks():
     x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
     cos = _smoothed_grad_cos(model, x, y, sites=["0", "1"], k=8000)
     assert min(cos.values()) > 0.95, cos
-
-
-class Cell(nn.Module):
-    """A hand-written RNN: the Linear modules are used at every step; the pre-activation of
-    each step is a mark, so no backward runs through time."""
-
-    def __init__(self, n_in=3, n_h=8, n_out=2):
-        super().__init__()
-        self.wx, self.wh = nn.Linear(n_in, n_h), nn.Linear(n_h, n_h)
-        self.out = nn.Linear(n_h, n_out)
-
-    def forward(self, x):
-        h = x.new_zeros(x.shape[0], self.wh.in_features)
-        for t in range(x.shape[1]):
-            h = torch.tanh(ulr.perturb("pre", self.wx(x[:, t]) + self.wh(h)))
-        return self.out(h)
 
 
 def test_marks_and_repeated_calls_sum_over_time():
