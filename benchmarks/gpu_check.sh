@@ -8,7 +8,7 @@ OUT=${OUT:-docs/results}
 mkdir -p "$OUT"
 nvidia-smi -L | tee "$OUT/device.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_estimator.py \
-  tests/test_contract.py 2>&1 | tee "$OUT/cuda-tests.txt" | tail -5
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+  tests/estimator/test_likelihood_ratio.py 2>&1 | tee "$OUT/cuda-tests.txt" | tail -5
 python3 benchmarks/speed.py --device cuda --batch 256 --copies 32 --repeats 20 --out "$OUT" \
   2>&1 | tail -20

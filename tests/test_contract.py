@@ -1,496 +1,100 @@
-"""The estimator's contract: .grad accumulation, hook removal, determinism, copy layout,
-the local-VJP backend for arbitrary modules, marks, repeated calls, hybrid blocks, no-grad,
-and a generic suite over every registered noise x sampler x baseline x plan."""
-
-import itertools
+"""The estimator contract's helpers (ulr.contract), each against exact expectations: argument
+checks, parameter selection, input handling, the per-row loss check, generator state and
+``.grad`` accumulation."""
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import BASELINES, NOISES, PLANS, SAMPLERS, ce
 from torch import nn
 
 import ulr
-from ulr.sites import _stack
+import ulr.peers
+from ulr import contract
 
 
-def _hooks(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+def test_every_estimator_is_a_gradient_estimator(mlp):
+    assert isinstance(ulr.LikelihoodRatio(mlp), contract.GradientEstimator)
+    assert contract.GradientEstimator is ulr.peers.GradientEstimator
+    assert not isinstance(mlp, contract.GradientEstimator)
 
 
-def _grads(model):
-    return [p.grad.clone() for p in model.parameters()]
+def test_argument_checks():
+    assert contract.check_model(nn.Linear(1, 1)).in_features == 1
+    with pytest.raises(TypeError, match="nn.Module"):
+        contract.check_model(lambda x: x)
+    assert contract.check_positive_int("k", 4, even=True) == 4
+    for bad in (0, 1.0, True, "2"):
+        with pytest.raises(ValueError, match="k must be an int >= 1"):
+            contract.check_positive_int("k", bad)
+    with pytest.raises(ValueError, match="got 5; use 6 or set antithetic=False"):
+        contract.check_positive_int("k", 5, even=True)
+    assert contract.check_positive_float("sigma", 2) == 2.0
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="sigma must be a finite float > 0"):
+            contract.check_positive_float("sigma", bad)
 
 
-def test_grad_accumulates_like_backward(mlp):
-    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
-    est = ulr.LikelihoodRatio(mlp, num_copies=4, generator=torch.Generator().manual_seed(0))
-    state = est.state_dict()
-    est.loss_and_grads(ce, x, y)
-    first = _grads(mlp)
-    est.loss_and_grads(ce, x, y)
-    both = _grads(mlp)
-    mlp.zero_grad(set_to_none=True)
-    est.load_state_dict(state)
-    est.loss_and_grads(ce, x, y)
-    mlp.zero_grad(set_to_none=True)
-    est.loss_and_grads(ce, x, y)  # the second draw alone
-    second = _grads(mlp)
-    for a, b, s in zip(first, second, both):
-        torch.testing.assert_close(a + b, s)
+def test_trainable_selects_by_requires_grad_and_exclude(mlp):
+    mlp[0].bias.requires_grad_(False)
+    names = [n for n, _ in contract.trainable(mlp, ["4.*"])]
+    assert names == ["0.weight", "2.weight", "2.bias"]
+    with pytest.raises(ValueError, match="'nope' matches no parameter"):
+        contract.trainable(mlp, ["nope"])
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        contract.trainable(mlp, ["*"])
 
 
-def test_hooks_removed_after_return_and_after_raise(mlp):
-    est = ulr.LikelihoodRatio(mlp, num_copies=2)
-    x, y = torch.randn(3, 6), torch.randint(0, 4, (3,))
-    est.loss_and_grads(ce, x, y)
-    assert _hooks(mlp) == 0 and not _stack()
-
-    def boom(out, t):
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        est.loss_and_grads(boom, x, y)
-    assert _hooks(mlp) == 0 and not _stack()
-
-    class Exploding(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(2, 2)
-
-        def forward(self, x):
-            self.lin(x)
-            raise KeyError("inside forward")
-
-    bad = Exploding()
-    with pytest.raises(KeyError):
-        ulr.LikelihoodRatio(bad).loss_and_grads(lambda o: o.sum(1), torch.randn(2, 2))
-    assert _hooks(bad) == 0 and not _stack()
+def test_inputs_become_a_call_and_a_batch_size():
+    x = torch.zeros(3, 2)
+    assert contract.as_call(x) == ((x,), {})
+    assert contract.as_call((x, 1.0)) == ((x, 1.0), {})
+    assert contract.as_call([x]) == ((x,), {})
+    assert contract.as_call({"u": x}) == ((), {"u": x})
+    assert contract.batch_size({"scale": torch.tensor(2.0), "u": (x,)}, None) == 3
+    assert contract.batch_size(torch.tensor(1.0), torch.zeros(5)) == 5  # targets when no input
+    with pytest.raises(ValueError, match="batch-first"):
+        contract.batch_size(2.0, None)
 
 
-def test_model_is_unchanged(mlp):
-    before = {k: v.clone() for k, v in mlp.state_dict().items()}
-    training = [m.training for m in mlp.modules()]
-    ulr.LikelihoodRatio(mlp, num_copies=4).loss_and_grads(ce, torch.randn(3, 6),
-                                                          torch.randint(0, 4, (3,)))
-    for k, v in mlp.state_dict().items():
-        assert torch.equal(v, before[k])
-    assert training == [m.training for m in mlp.modules()]
+def test_call_loss_wants_one_finite_loss_per_row():
+    out, t = torch.ones(4, 2), torch.zeros(4)
+    losses = contract.call_loss(lambda o, tt: o.sum(1) + tt, out, t, 4)
+    assert torch.equal(losses, torch.full((4,), 2.0))
+    assert contract.call_loss(lambda o: o[:, 0], out, None, 4).shape == (4,)  # no targets
+    with pytest.raises(ValueError, match="looks reduced; pass reduction='none'"):
+        contract.call_loss(lambda o, tt: o.sum(), out, t, 4)
+    with pytest.raises(ValueError, match=r"e\.g\. \.mean\(dim=1\)"):
+        contract.call_loss(lambda o, tt: o, out, t, 4)
+    with pytest.raises(TypeError, match="one loss per row"):
+        contract.call_loss(lambda o, tt: 1.0, out, t, 4)
+    contract.check_finite(losses, 4)
+    with pytest.raises(ValueError, match="non-finite"):
+        contract.check_finite(torch.tensor([1.0, float("inf")]), 2)
 
 
-def test_same_seed_gives_bit_identical_gradients(cnn):
-    x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 3, (4,))
-    runs = []
-    for _ in range(2):
-        cnn.zero_grad(set_to_none=True)
-        est = ulr.LikelihoodRatio(cnn, num_copies=6, sampler=ulr.antithetic(),
-                                  plan=ulr.plans.layerwise(),
-                                  generator=torch.Generator().manual_seed(42))
-        est.loss_and_grads(ce, x, y)
-        runs.append(_grads(cnn))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
-    cnn.zero_grad(set_to_none=True)
-    ulr.LikelihoodRatio(cnn, num_copies=6, generator=torch.Generator().manual_seed(43)
-                        ).loss_and_grads(ce, x, y)
-    assert not torch.equal(_grads(cnn)[0], runs[0][0])
-
-
-def test_default_generator_follows_torch_manual_seed(mlp):
-    x, y = torch.randn(4, 6), torch.randint(0, 4, (4,))
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(3)
-        mlp.zero_grad(set_to_none=True)
-        ulr.LikelihoodRatio(mlp, num_copies=4).loss_and_grads(ce, x, y)
-        runs.append(_grads(mlp))
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
-
-
-def test_copy_major_layout_and_antithetic_halves():
-    """Row k·B + b is copy k of example b; copy k + K/2 carries the negated noise of copy k."""
-    batch, k = 3, 4
-    layer = nn.Linear(2, 5)
-    x = torch.randn(batch, 2)
-    y = torch.arange(batch)
-    seen = {}
-
-    def loss(out, t):
-        seen["out"], seen["t"] = out, t
-        return out.sum(1)
-
-    est = ulr.LikelihoodRatio(layer, num_copies=k, sampler=ulr.antithetic())
-    est.loss_and_grads(loss, x, y)
-    assert torch.equal(seen["t"], y.repeat(k))
-    with torch.no_grad():
-        clean = layer(x)
-    z = (seen["out"] - clean.repeat(k, 1)).view(k, batch, 5)
-    torch.testing.assert_close(z[: k // 2], -z[k // 2 :])
-    assert not torch.allclose(z[0], z[1])
-    assert torch.equal(ulr.replicate(torch.tensor([0, 1, 2]), 2), torch.tensor([0, 1, 2, 0, 1, 2]))
-
-
-def test_returns_mean_noisy_loss_and_counts_rows(mlp):
-    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
-    losses = []
-
-    def loss(out, t):
-        losses.append(ce(out, t))
-        return losses[-1]
-
-    est = ulr.LikelihoodRatio(mlp, num_copies=4, plan=ulr.plans.layerwise([["0", "2"], ["4"]],
-                                                                          num_copies=[4, 2]))
-    mean = est.loss_and_grads(loss, x, y)
-    # the first call is the discovery pass on B clean rows; then one pass per group
-    assert [len(v) for v in losses] == [20, 10]
-    torch.testing.assert_close(mean, torch.cat(losses).mean())
-    assert est.last_forward_rows == 5 + 20 + 10
-
-
-class Block(nn.Module):
-    """LayerNorm + attention-like mixing + an owned scale: no closed form anywhere."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(10, 8)
-        self.norm = nn.LayerNorm(8)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.scale = nn.Parameter(torch.ones(8))
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, tokens):
-        h = self.norm(self.emb(tokens))
-        h, _ = self.attn(h, h, h, need_weights=False)
-        return self.head((h * self.scale).mean(1))
-
-
-def _smoothed_grad_cos(model, x, y, sites, k=4000, sigma=0.01):
-    model.zero_grad()
-    ce(model(x), y).mean().backward()
-    truth = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    est = ulr.LikelihoodRatio(model, sites=sites, noise=ulr.Gaussian(sigma), num_copies=k,
-                              sampler=ulr.antithetic(), plan=ulr.plans.layerwise(),
-                              generator=torch.Generator().manual_seed(0))
-    est.loss_and_grads(ce, x, y)
-    return {n: F.cosine_similarity(p.grad.flatten(), truth[n].flatten(), dim=0).item()
-            for n, p in model.named_parameters()}
-
-
-def test_vjp_backend_for_embedding_layernorm_attention():
+def test_generator_is_explicit_and_its_state_round_trips():
     torch.manual_seed(0)
-    model = Block()
-    x, y = torch.randint(0, 10, (8, 5)), torch.randint(0, 3, (8,))
-    cos = _smoothed_grad_cos(model, x, y, sites=None)
-    assert min(cos.values()) > 0.9, cos
-
-
-def test_hybrid_sites_at_block_outputs_backprop_inside_blocks():
-    """Sites only at the two block outputs: inside each block the gradient is the exact
-    autograd VJP of the LR signal, so with many copies it approaches backprop."""
+    a = contract.make_generator(None)
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16)),
-        nn.Sequential(nn.ReLU(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4)),
-    )
-    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
-    cos = _smoothed_grad_cos(model, x, y, sites=["0", "1"], k=8000)
-    assert min(cos.values()) > 0.95, cos
+    b = contract.make_generator(None)
+    assert contract.draw_seeds(a, 3) == contract.draw_seeds(b, 3)  # follows torch.manual_seed
+    given = torch.Generator().manual_seed(1)
+    assert contract.make_generator(given) is given
+    with pytest.raises(TypeError, match="torch.Generator"):
+        contract.make_generator(1)
+    state = contract.generator_state(given)
+    first = contract.draw_seeds(given, 2)
+    assert all(0 <= s < 2**62 for s in first)
+    restored = contract.load_generator_state(torch.Generator(), state, "X")
+    assert contract.draw_seeds(restored, 2) == first
+    with pytest.raises(ValueError, match=r"was it saved by X\.state_dict\(\)"):
+        contract.load_generator_state(given, {}, "X")
 
 
-class Cell(nn.Module):
-    """A hand-written RNN: the Linear modules are used at every step; the pre-activation of
-    each step is a mark, so no backward runs through time."""
-
-    def __init__(self, n_in=3, n_h=8, n_out=2):
-        super().__init__()
-        self.wx, self.wh = nn.Linear(n_in, n_h), nn.Linear(n_h, n_h)
-        self.out = nn.Linear(n_h, n_out)
-
-    def forward(self, x):
-        h = x.new_zeros(x.shape[0], self.wh.in_features)
-        for t in range(x.shape[1]):
-            h = torch.tanh(ulr.perturb("pre", self.wx(x[:, t]) + self.wh(h)))
-        return self.out(h)
-
-
-def test_marks_and_repeated_calls_sum_over_time():
-    torch.manual_seed(0)
-    model = Cell()
-    x, y = torch.randn(16, 4, 3), torch.randint(0, 2, (16,))
-    sites = ulr.sites.marked("pre") | ulr.sites.by_name("out")
-    cos = _smoothed_grad_cos(model, x, y, sites=sites, k=4000)
-    assert min(cos.values()) > 0.9, cos
-
-
-def test_perturb_is_identity_when_idle():
-    model = Cell()
-    x = torch.randn(2, 3, 3)
-    torch.testing.assert_close(model(x), model(x))
-    assert ulr.perturb("anything", x) is x
-
-
-def test_closed_form_sites_work_under_no_grad(cnn):
-    x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 3, (4,))
-    est = ulr.LikelihoodRatio(cnn, num_copies=4, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        est.loss_and_grads(ce, x, y)
-    a = _grads(cnn)
-    cnn.zero_grad(set_to_none=True)
-    est = ulr.LikelihoodRatio(cnn, num_copies=4, generator=torch.Generator().manual_seed(0))
-    est.loss_and_grads(ce, x, y)
-    assert all(torch.equal(u, v) for u, v in zip(a, _grads(cnn)))
-
-
-class Sign(nn.Module):
-    def forward(self, x):
-        return torch.where(x >= 0, 1.0, -1.0)
-
-
-def test_non_differentiable_loss_and_layers_train():
-    """A sign activation and a 0-1 loss (XOR-like task): backprop gives the first layer no
-    gradient, the LR estimate still trains the net from ~44% error to below 5%."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 32), Sign(), nn.Linear(32, 2))
-    x = torch.randn(256, 2)
-    y = (x[:, 0] * x[:, 1] > 0).long()
-
-    def zero_one(out, t):
-        return (out.argmax(1) != t).float()
-
-    ce(model(x), y).mean().backward()
-    g = model[0].weight.grad
-    assert g is None or g.abs().max() == 0
-    model.zero_grad(set_to_none=True)
-    est = ulr.LikelihoodRatio(model, noise=ulr.Gaussian(0.3), num_copies=32,
-                              sampler=ulr.antithetic(), generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(model.parameters(), lr=0.03)
-    start = zero_one(model(x), y).mean().item()
-    for _ in range(200):
-        opt.zero_grad()
-        est.loss_and_grads(zero_one, x, y)
-        opt.step()
-    with torch.no_grad():
-        end = zero_one(model(x), y).mean().item()
-    assert start > 0.4 and end < 0.05, (start, end)
-
-
-def test_dict_and_tuple_inputs_and_targets():
-    class Two(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 2), nn.Linear(4, 2)
-
-        def forward(self, u, v, scale=1.0):
-            return (self.a(u) + self.b(v)) * scale
-
-    model = Two()
-    u, v, t1, t2 = torch.randn(5, 3), torch.randn(5, 4), torch.randn(5, 2), torch.randn(5, 2)
-
-    def loss(out, targets):
-        a, b = targets
-        return ((out - a) ** 2 + (out - b) ** 2).sum(1)
-
-    est = ulr.LikelihoodRatio(model, num_copies=2)
-    est.loss_and_grads(loss, (u, v), (t1, t2))
-    est.loss_and_grads(loss, {"u": u, "v": v, "scale": 2.0}, (t1, t2))
-    assert model.a.weight.grad.shape == (2, 3)
-
-
-def test_shared_module_sums_the_contributions_of_its_calls():
-    """A module used twice is one site that fires twice: its gradient equals the sum of the
-    gradients of two untied copies under the same noise draws."""
-    import copy
-
-    torch.manual_seed(0)
-    shared = nn.Linear(4, 4)
-    tied = nn.Sequential(shared, nn.Tanh(), shared)
-    untied = nn.Sequential(copy.deepcopy(shared), nn.Tanh(), copy.deepcopy(shared))
-    x, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
-    for model in (tied, untied):  # one pass: the same noise draws for both
-        ulr.LikelihoodRatio(model, num_copies=3, plan=ulr.plans.all_sites(),
-                            generator=torch.Generator().manual_seed(0)).loss_and_grads(ce, x, y)
-    for name in ("weight", "bias"):
-        want = getattr(untied[0], name).grad + getattr(untied[2], name).grad
-        torch.testing.assert_close(getattr(shared, name).grad, want)
-
-
-@pytest.mark.parametrize(
-    "noise,sampler,baseline,plan",
-    list(itertools.product(NOISES, SAMPLERS, BASELINES, PLANS)),
-)
-def test_generic_suite(mlp, noise, sampler, baseline, plan):
-    """Every combination: grads of the right shape and finite, hooks gone, state round-trips
-    (an estimator restored from state_dict reproduces the next estimate bit for bit)."""
-    x, y = torch.randn(4, 6), torch.randint(0, 4, (4,))
-    if "sobol" in sampler and "leave_one_out" in repr(BASELINES[baseline]()):
-        with pytest.raises(ValueError, match="leave_one_out"):  # QMC copies are dependent
-            ulr.LikelihoodRatio(mlp, num_copies=4, sampler=SAMPLERS[sampler](),
-                                baseline=BASELINES[baseline]())
-        return
-
-    def make():
-        return ulr.LikelihoodRatio(mlp, noise=NOISES[noise](), num_copies=4,
-                                   sampler=SAMPLERS[sampler](), baseline=BASELINES[baseline](),
-                                   plan=PLANS[plan](), generator=torch.Generator().manual_seed(1))
-
-    est = make()
-    est.loss_and_grads(ce, x, y)
-    state = est.state_dict()
-    mlp.zero_grad(set_to_none=True)
-    est.loss_and_grads(ce, x, y)
-    want = _grads(mlp)
-    for p in mlp.parameters():
-        assert p.grad.shape == p.shape and torch.isfinite(p.grad).all()
-    assert _hooks(mlp) == 0
-    other = make()
-    other.load_state_dict(state)
-    mlp.zero_grad(set_to_none=True)
-    other.loss_and_grads(ce, x, y)
-    assert all(torch.equal(a, b) for a, b in zip(want, _grads(mlp)))
-
-
-def test_inputs_modified_in_place_are_not_treated_as_copies():
-    """The first layer's weight gradient uses Σ_k g_kb when its input is the tiled batch; an
-    in-place change that makes the copies differ must fall back to the per-row product."""
-
-    class NoisyInput(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 2)
-
-        def forward(self, x):
-            x.add_(torch.arange(x.shape[0], dtype=x.dtype).unsqueeze(1))  # row-dependent
-            return self.lin(x)
-
-    torch.manual_seed(0)
-    model = NoisyInput()
-    x = torch.randn(4, 3)
-    gen_state = torch.Generator().manual_seed(0).get_state()
-    # the hand computation's weights; tiled inputs (this model's output depends on the row
-    # index, so computing a noise-free prefix on the B examples would change the function)
-    est = ulr.LikelihoodRatio(model, num_copies=3, generator=torch.Generator(),
-                              baseline=ulr.baselines.none(),
-                              plan=ulr.plans.layerwise(cache_prefix=False))
-    est.generator.set_state(gen_state)
-    est.loss_and_grads(lambda o: o.pow(2).sum(1), x.clone())
-    got = model.lin.weight.grad.clone()
-    # the same estimate by hand: rows k*B+b carry input x_b + (k*B+b)
-    z = ulr.iid().sample(ulr.Gaussian(0.1), 3, torch.Size((4, 2)),
-                         generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
-    rows = x.repeat(3, 1) + torch.arange(12.0).unsqueeze(1)
-    with torch.no_grad():
-        v = model.lin(rows) + z.view(12, 2)
-    signal = v.pow(2).sum(1, keepdim=True) * z.view(12, 2) / 0.1**2 / 12
-    torch.testing.assert_close(got, signal.T @ rows)
-
-
-class TinyGCN(nn.Module):
-    """Full-graph node classification: inputs (features [N, F], dense adjacency [N, N])."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin1, self.lin2 = nn.Linear(3, 8), nn.Linear(8, 2)
-
-    def forward(self, feats, adj):
-        return adj @ self.lin2(torch.relu(adj @ self.lin1(feats)))
-
-
-def _block_diagonal(inputs, k):
-    feats, adj = inputs
-    return feats.repeat(k, 1), torch.block_diag(*[adj] * k)
-
-
-def test_custom_replicate_for_a_whole_graph():
-    """K copies of one graph as a block-diagonal adjacency: the estimate equals the one from
-    running K separate graphs by hand (identical noise), and the layout is visible to layers."""
-    torch.manual_seed(0)
-    model = TinyGCN()
-    n = 5
-    adj = torch.rand(n, n)
-    adj = (adj + adj.T) / n
-    feats, y = torch.randn(n, 3), torch.randint(0, 2, (n,))
-    layouts = []
-
-    class Spy(nn.Module):
-        def forward(self, x):
-            layouts.append(ulr.copy_layout())
-            return x
-
-    model.spy = Spy()
-    model.lin1.register_forward_pre_hook(lambda m, a: model.spy(a[0]))
-    est = ulr.LikelihoodRatio(model, sites=["lin1", "lin2"], num_copies=3,
-                              replicate=_block_diagonal, generator=torch.Generator().manual_seed(0),
-                              baseline=ulr.baselines.none(), plan=ulr.plans.all_sites())
-    est.loss_and_grads(ce, (feats, adj), y)
-    assert layouts == [(1, n), (3, n)]  # the first call's clean pass, then the noisy pass
-    # by hand, one graph copy at a time, with the same draws (site lin1, then lin2)
-    gen = torch.Generator().manual_seed(0)
-    cpu = torch.device("cpu")
-    z1 = ulr.iid().sample(ulr.Gaussian(0.1), 3, torch.Size((n, 8)), generator=gen, device=cpu)
-    z2 = ulr.iid().sample(ulr.Gaussian(0.1), 3, torch.Size((n, 2)), generator=gen, device=cpu)
-    grad_w1 = torch.zeros_like(model.lin1.weight)
-    grad_w2 = torch.zeros_like(model.lin2.weight)
-    with torch.no_grad():
-        for k in range(3):
-            h = torch.relu(adj @ (model.lin1(feats) + z1[k]))
-            loss = ce(adj @ (model.lin2(h) + z2[k]), y)
-            grad_w1 += (loss[:, None] * z1[k] / 0.01 / (3 * n)).T @ feats
-            grad_w2 += (loss[:, None] * z2[k] / 0.01 / (3 * n)).T @ h
-    torch.testing.assert_close(model.lin1.weight.grad, grad_w1)
-    torch.testing.assert_close(model.lin2.weight.grad, grad_w2)
-    with pytest.raises(ValueError, match="must be batch-first"):
-        ulr.LikelihoodRatio(model, sites=["lin1", "lin2"], num_copies=3,
-                            replicate=lambda inputs, k: inputs).loss_and_grads(ce, (feats, adj), y)
-    assert ulr.copy_layout() is None
-
-
-def test_layerwise_learns_the_sites_once_and_follows_control_flow():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.c = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
-
-        def forward(self, x):
-            h = self.a(x)
-            if x.sum() > 0:  # input-dependent: site "b" fires only for some batches
-                h = self.b(h)
-            return self.c(h)
-
-    model = Branchy()
-    calls = []
-    model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
-    # tiled inputs, so that every pass shows as 8 rows at the model's input
-    est = ulr.LikelihoodRatio(model, num_copies=2, plan=ulr.plans.layerwise(cache_prefix=False),
-                              exclude=["b.*"])
-    neg, pos = -torch.ones(4, 3), torch.ones(4, 3)
-    est.loss_and_grads(lambda o: o.sum(1), neg)
-    assert calls == [4, 8, 8]  # discovery, then one pass per site (a, c)
-    calls.clear()
-    est.loss_and_grads(lambda o: o.sum(1), neg)
-    assert calls == [8, 8]  # names known: no discovery pass
-    calls.clear()
-    model.zero_grad(set_to_none=True)
-    est.loss_and_grads(lambda o: o.sum(1), pos)  # "b" appears: relearn and start over
-    assert calls == [8, 8, 4, 8, 8, 8]
-    assert est._site_names == ["a", "b", "c"]
-
-
-def test_sparse_tensors_in_inputs_are_replicated_by_a_custom_hook():
-    class Sparse(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 2)
-
-        def forward(self, x, adj):
-            return torch.sparse.mm(adj, self.lin(x))
-
-    def rep(inputs, k):
-        x, adj = inputs
-        return x.repeat(k, 1), torch.block_diag(*[adj.to_dense()] * k).to_sparse()
-
-    x, adj = torch.randn(4, 3), torch.eye(4).to_sparse()
-    model = Sparse()
-    ulr.LikelihoodRatio(model, num_copies=2, replicate=rep).loss_and_grads(
-        lambda o, y: o.sum(1), (x, adj), torch.zeros(4))
-    assert model.lin.weight.grad is not None
+def test_accumulate_adds_like_backward():
+    layer = nn.Linear(2, 1).double()
+    params = list(layer.named_parameters())
+    contract.accumulate(params, [torch.ones(1, 2), torch.ones(1)])  # float32 in, cast to float64
+    contract.accumulate(params, [torch.ones(1, 2), torch.ones(1)])
+    assert layer.weight.grad.dtype == torch.float64
+    assert torch.equal(layer.weight.grad, torch.full((1, 2), 2.0, dtype=torch.float64))
+    assert torch.equal(layer.bias.grad, torch.full((1,), 2.0, dtype=torch.float64))

@@ -5,7 +5,7 @@ Noise is injected at chosen sites of any PyTorch model; from noisy forward passe
 ``p.grad``, so any ``torch.optim`` optimizer can use it.
 """
 
-from . import baselines, functional, hybrid, plans, samplers, sites
+from . import baselines, functional, hybrid, plans, samplers, sites, transforms
 from .allocator import tune_allocator
 from .estimator import LikelihoodRatio, replicate
 from .noise import Gaussian, Laplace, Logistic, Noise, WeightNoise, weight_noise
@@ -48,5 +48,6 @@ __all__ = [
     "plans",
     "samplers",
     "sites",
+    "transforms",
     "__version__",
 ]

@@ -1,10 +1,29 @@
 """The contract every gradient estimator keeps, and the helpers that implement it once.
 
-:class:`GradientEstimator` is the protocol (``loss_and_grads`` writes ``p.grad``, accumulating,
-and returns the mean loss; ``state_dict``/``load_state_dict``); the functions are its shared
-parts: argument checks, the per-row loss check, parameter selection, generator state and
-``.grad`` accumulation. :class:`ulr.LikelihoodRatio` and every estimator in :mod:`ulr.peers`
-are built on them."""
+An estimator (:class:`ulr.LikelihoodRatio` and every estimator in :mod:`ulr.peers`) promises:
+
+* **Gradients leave only through ``p.grad``, accumulating.** ``loss_and_grads(loss_fn, inputs,
+  targets)`` adds its estimate to ``p.grad`` of each covered trainable parameter (creating it
+  when ``None``), exactly as ``Tensor.backward`` would, and returns the mean loss as a detached
+  scalar. It never steps the parameters, so any ``torch.optim`` optimizer, gradient clipping or
+  accumulation works unchanged (:func:`accumulate`).
+* **Per-row losses.** ``loss_fn(outputs, targets)`` (``loss_fn(outputs)`` without targets)
+  returns one finite loss per row, shape ``[rows]`` — for torch losses ``reduction="none"``
+  (:func:`call_loss`, :func:`check_finite`). Any callable; estimators that do not backpropagate
+  never differentiate it.
+* **Randomness only from the estimator's ``torch.Generator``.** The ``generator=`` argument, or
+  one seeded from a single draw of the global RNG; the global RNG is never reseeded
+  (:func:`make_generator`, :func:`draw_seeds`).
+* **Exact resumption.** ``state_dict()`` holds the generator state and whatever else the next
+  estimate depends on; ``load_state_dict(state)`` on an estimator built with the same arguments
+  reproduces the next estimate bit for bit (:func:`generator_state`,
+  :func:`load_generator_state`).
+* The model is left as it was found, also when the forward or the loss raises.
+
+:class:`GradientEstimator` states this as a protocol; the functions below are its shared parts
+(argument checks, parameter selection, input handling, the loss check, generator state and
+``.grad`` accumulation), each written once here and used by every estimator.
+"""
 
 from __future__ import annotations
 
@@ -38,12 +57,15 @@ class GradientEstimator(Protocol):
 
 
 def check_model(model: Any) -> nn.Module:
+    """``model`` itself; ``TypeError`` unless it is an ``nn.Module``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     return model
 
 
 def check_positive_int(name: str, value: Any, *, even: bool = False) -> int:
+    """``value`` if it is an int >= 1 (and even, with ``even=True``); else ``ValueError``
+    naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if even and value % 2:
@@ -53,6 +75,7 @@ def check_positive_int(name: str, value: Any, *, even: bool = False) -> int:
 
 
 def check_positive_float(name: str, value: Any) -> float:
+    """``float(value)`` if it is a finite number > 0; else ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
@@ -73,11 +96,14 @@ def make_generator(generator: torch.Generator | None,
 
 
 def generator_state(generator: torch.Generator) -> dict[str, Any]:
+    """The generator's part of an estimator's ``state_dict()``: its state and its device."""
     return {"generator": generator.get_state(), "generator_device": str(generator.device)}
 
 
 def load_generator_state(generator: torch.Generator, state: Mapping[str, Any],
                          owner: str) -> torch.Generator:
+    """Restore :func:`generator_state` into ``generator`` (a new one when the saved device
+    differs) and return it; ``ValueError`` naming ``owner`` when the state has none."""
     if "generator" not in state:
         raise ValueError(f"estimator state is missing ['generator']; was it saved by "
                          f"{owner}.state_dict()?")

@@ -34,6 +34,7 @@ __all__ = [
     "by_name",
     "where",
     "param_owners",
+    "named_param_owners",
     "marked",
     "perturb",
     "copy_layout",
@@ -152,10 +153,7 @@ class _ParamOwners(SiteSpec):
         self.noise = _check_noise(noise)
 
     def choose(self, name, module):
-        if module is None:
-            return None
-        owns = any(p.requires_grad for p in module.parameters(recurse=False))
-        return self.noise if owns else None
+        return self.noise if module is not None and _owns_parameter(module) else None
 
     def __repr__(self) -> str:
         return "param_owners()"
@@ -200,6 +198,28 @@ def where(
 def param_owners(*, noise: Noise | None = None) -> SiteSpec:
     """The output of every module that directly owns a trainable parameter (the default)."""
     return _ParamOwners(noise)
+
+
+def _owns_parameter(module: nn.Module, trainable: bool = True) -> bool:
+    return any(p.requires_grad or not trainable for p in module.parameters(recurse=False))
+
+
+def named_param_owners(model: nn.Module, *,
+                       trainable: bool = True) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module of ``model`` that directly owns a parameter (one with
+    ``requires_grad`` unless ``trainable=False``), in ``model.named_modules()`` order, each module
+    once. These are the sites :func:`param_owners` selects: the layers of pure ULR.
+
+    Example:
+        >>> import ulr
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> [name for name, _ in ulr.sites.named_param_owners(net)]
+        ['0', '2']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return [(name, m) for name, m in model.named_modules() if _owns_parameter(m, trainable)]
 
 
 def as_spec(sites: Any) -> SiteSpec:

@@ -4,8 +4,8 @@ estimate: under the same generator state they must give the same gradients as st
 import pytest
 import torch
 from conftest import ce
-from test_contract import Block, Cell
 from torch import nn
+from toy_models import Block, Cell
 
 import ulr
 

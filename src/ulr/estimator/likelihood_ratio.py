@@ -366,11 +366,12 @@ def _check_args(model: Any, num_copies: Any, sampler: Any, baseline: Any, plan: 
     """Refuse bad constructor arguments, each with the fix."""
     check_model(model)
     check_positive_int("num_copies", num_copies)
-    for arg, cls, fn in ((sampler, Sampler, "ulr.iid()/ulr.antithetic()/ulr.sobol()"),
-                         (baseline, Baseline, "ulr.baselines.leave_one_out() etc."),
-                         (plan, Plan, "ulr.plans.all_sites()/layerwise()")):
+    for arg, cls, what in ((sampler, Sampler, "a Sampler such as ulr.iid()/ulr.antithetic()"),
+                           (baseline, Baseline, "a Baseline (a ulr.transforms.Transform) such "
+                                                "as ulr.baselines.leave_one_out()"),
+                           (plan, Plan, "a Plan such as ulr.plans.all_sites()/layerwise()")):
         if arg is not None and not isinstance(arg, cls):
-            raise TypeError(f"expected a {cls.__name__} such as {fn}, got {arg!r}")
+            raise TypeError(f"expected {what}, got {arg!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
     if not (noise is None or isinstance(noise, (Noise, WeightNoise, Mapping)) or callable(noise)):

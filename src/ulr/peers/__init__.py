@@ -34,13 +34,14 @@ Example:
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 from torch import nn
 
 from ..contract import GradientEstimator
 from . import shaping
-from ._weights import weight_noise
+from ._weights import seeded_noise
 from .backprop import Backprop
 from .es import EvolutionStrategies
 from .forward_gradient import ForwardGradient
@@ -56,6 +57,7 @@ __all__ = [
     "available",
     "build",
     "centered_ranks",
+    "seeded_noise",
     "shaping",
     "standardized",
     "weight_noise",
@@ -100,3 +102,12 @@ def build(name: str, model: nn.Module, **kwargs: Any) -> GradientEstimator:
         raise TypeError(f"{cls.__name__} ({key!r}) takes no argument {unknown}; it takes "
                         f"{accepted}")
     return cls(model, **kwargs)
+
+
+def weight_noise(*args: Any, **kwargs: Any) -> Any:
+    """Deprecated name of :func:`seeded_noise` (kept for one release): ``ulr.weight_noise`` is
+    something else, the LR estimator's noise on a layer's weights."""
+    warnings.warn("ulr.peers.weight_noise is deprecated and will be removed in the next release; "
+                  "use ulr.peers.seeded_noise (ulr.weight_noise is the LR estimator's weight "
+                  "noise, a different thing)", DeprecationWarning, stacklevel=2)
+    return seeded_noise(*args, **kwargs)

@@ -1,7 +1,7 @@
 """Seeded weight perturbations that never store a copy of the perturbation (the MeZO trick).
 
 A perturbation of all trainable weights is named by one integer seed. Parameter ``j``'s noise is
-drawn from a fresh generator seeded with ``mix(seed, j)`` (:func:`weight_noise`), so it can be
+drawn from a fresh generator seeded with ``mix(seed, j)`` (:func:`seeded_noise`), so it can be
 regenerated at any time — once for the forward pass and once more when the gradient is
 accumulated — and the noise of the whole model is never held at once.
 
@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..sites import named_param_owners
+
 Distribution = Literal["gaussian", "rademacher"]
 DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher")
 
@@ -36,9 +38,13 @@ def mix(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) & _MASK
 
 
-def weight_noise(param: Tensor, seed: int, index: int,
+def seeded_noise(param: Tensor, seed: int, index: int,
                  distribution: Distribution = "gaussian") -> Tensor:
     """The noise ``ε`` of parameter ``index`` in the perturbation named ``seed``.
+
+    What the weight-perturbation peers add to their weights (and ForwardGradient's tangents);
+    not to be confused with :func:`ulr.weight_noise`, the LR estimator's noise on a layer's
+    weights.
 
     Args:
         param: the parameter; gives the shape, device and dtype of the result.
@@ -69,7 +75,7 @@ class Perturber:
     Args:
         model: the network.
         params: the trainable ``(name, parameter)`` pairs; their positions are the noise
-            indices of :func:`weight_noise`.
+            indices of :func:`seeded_noise`.
         distribution: the noise distribution.
     """
 
@@ -80,9 +86,8 @@ class Perturber:
         # Every module holding a trainable parameter (tied weights: several modules) swaps it
         # while it runs; a parameter is swapped once even when its holders nest.
         self.owners: dict[nn.Module, list[int]] = {}
-        for module in model.modules():
-            held = [index[id(p)] for p in module._parameters.values()
-                    if p is not None and id(p) in index]
+        for _, module in named_param_owners(model):
+            held = [index[id(p)] for p in module.parameters(recurse=False) if id(p) in index]
             if held:
                 self.owners[module] = held
 
@@ -104,7 +109,7 @@ class Perturber:
                 p = self.params[j][1]
                 original = p.data
                 with torch.no_grad():
-                    p.data = original + scale * weight_noise(original, seed, j,
+                    p.data = original + scale * seeded_noise(original, seed, j,
                                                              self.distribution)
                 originals[j], depth[j] = original, 1
                 fired.add(j)
@@ -140,7 +145,7 @@ class Perturber:
             acc = torch.zeros(p.shape, dtype=dtype, device=p.device)
             for seed, c in zip(seeds, coefficients, strict=True):
                 if c != 0.0:
-                    acc.add_(weight_noise(p, seed, j, self.distribution).to(dtype), alpha=c)
+                    acc.add_(seeded_noise(p, seed, j, self.distribution).to(dtype), alpha=c)
             out.append(acc)
         return out
 

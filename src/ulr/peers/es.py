@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from ..contract import check_positive_float, check_positive_int, draw_seeds
+from ..transforms import Context, Transform, centered_ranks
 from ._zeroth import WeightPerturbation
-from .shaping import Shaping, centered_ranks
 
 __all__ = ["EvolutionStrategies"]
 
@@ -43,7 +43,7 @@ class EvolutionStrategies(WeightPerturbation):
       of the loss; use an adaptive optimizer (Adam) or tune the learning rate.
 
     Memory = inference: the noise is never stored. Member ``i`` is named by a seed from
-    ``generator``; each parameter's noise is regenerated from it (:func:`weight_noise`) while
+    ``generator``; each parameter's noise is regenerated from it (:func:`seeded_noise`) while
     its module runs and again when ``ĝ`` is accumulated. The weights are restored bit-exactly.
 
     Cost: ``P`` forward passes of ``B`` rows per call (``last_forward_rows = P·B``), run one
@@ -55,8 +55,11 @@ class EvolutionStrategies(WeightPerturbation):
         population: ``P``, the number of perturbed evaluations per call (even if
             ``antithetic``).
         antithetic: mirrored sampling, ``P/2`` pairs ``(+ε, -ε)``.
-        shaping: a :mod:`ulr.peers.shaping` object, or ``None`` for raw losses. Default:
-            :func:`~ulr.peers.shaping.centered_ranks`.
+        shaping: a loss transform (:mod:`ulr.transforms`: a shaping such as
+            :func:`~ulr.transforms.standardized`, or a baseline such as
+            :func:`~ulr.transforms.leave_one_out`) applied to the ``[P]`` member losses, or
+            ``None`` for raw losses. Antithetic partners form one copy group. Default:
+            :func:`~ulr.transforms.centered_ranks`.
         generator: the only source of randomness (seeds of the members); default: one seeded
             from a single draw of torch's global RNG.
         exclude: parameter names (wildcards allowed) left without a gradient.
@@ -87,7 +90,7 @@ class EvolutionStrategies(WeightPerturbation):
         sigma: float = 0.02,
         population: int = 32,
         antithetic: bool = True,
-        shaping: Shaping | None = _DEFAULT,  # type: ignore[assignment]
+        shaping: Transform | None = _DEFAULT,  # type: ignore[assignment]
         generator: torch.Generator | None = None,
         exclude: Iterable[str] = (),
     ) -> None:
@@ -96,9 +99,18 @@ class EvolutionStrategies(WeightPerturbation):
         self.population = check_positive_int("population", population, even=self.antithetic)
         if shaping is _DEFAULT:
             shaping = centered_ranks()
-        if shaping is not None and not isinstance(shaping, Shaping):
-            raise TypeError(f"shaping must be a ulr.peers.shaping object such as "
+        if shaping is not None and not isinstance(shaping, Transform):
+            raise TypeError(f"shaping must be a loss transform (ulr.transforms) such as "
                             f"centered_ranks(), or None for raw losses; got {shaping!r}")
+        if shaping is not None and shaping.needs_clean:
+            raise ValueError(f"shaping={shaping!r} needs the noise-free losses, which "
+                             f"EvolutionStrategies does not compute; use leave_one_out() or "
+                             f"running_average() as a baseline instead")
+        # Members are laid out (+ε_1, -ε_1, +ε_2, ...) with antithetic sampling: pairs share noise.
+        members = torch.arange(self.population)
+        self._context = Context(members // 2 if self.antithetic else members)
+        if shaping is not None:
+            shaping.check(self.population, self._context.copy_groups)
         self.shaping = shaping
         super().__init__(model, distribution="gaussian", generator=generator, exclude=exclude)
 
@@ -110,7 +122,9 @@ class EvolutionStrategies(WeightPerturbation):
         return seeds, [(s, self.sigma) for s in seeds]
 
     def _coefficients(self, losses: Tensor, seeds):
-        u = losses if self.shaping is None else self.shaping(losses.float()).double()
+        # the transform sees float32 losses (as shapings always have: bit-identical weights)
+        u = (losses if self.shaping is None
+             else self.shaping(losses.float(), self._context).double())
         scale = 1.0 / (self.population * self.sigma)
         if self.antithetic:
             u = u.view(-1, 2)

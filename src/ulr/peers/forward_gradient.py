@@ -23,7 +23,7 @@ from ..contract import (
     make_generator,
     trainable,
 )
-from ._weights import weight_noise
+from ._weights import seeded_noise
 
 __all__ = ["ForwardGradient"]
 
@@ -54,7 +54,7 @@ class ForwardGradient:
     Cost: ``T`` JVP passes of ``B`` rows (``last_forward_rows = T·B``); a JVP pass costs
     about 2-3 forward passes (primal + tangent arithmetic) and holds one tangent (one copy of
     the weights) plus the tangent activations of the current layer, not the activation tape.
-    Tangents are drawn per parameter from seeds of ``generator`` (:func:`weight_noise`).
+    Tangents are drawn per parameter from seeds of ``generator`` (:func:`seeded_noise`).
 
     The model's parameters are passed to :func:`torch.func.functional_call`, so the module is
     never modified. Limitations (the JVP raises, re-raised with this explanation): BatchNorm in
@@ -130,7 +130,7 @@ class ForwardGradient:
                              device=p.device) for _, p in params]
         loss = None
         for seed in draw_seeds(self.generator, self.num_tangents):
-            tangents = {name: weight_noise(p, seed, j) for j, (name, p) in enumerate(params)}
+            tangents = {name: seeded_noise(p, seed, j) for j, (name, p) in enumerate(params)}
             try:
                 with torch.no_grad():
                     loss, slope = jvp(mean_loss, (primals,), (tangents,))

@@ -30,7 +30,7 @@ class SPSA(WeightPerturbation):
     (Malladi et al. 2023); Rademacher ``z`` is Spall's SPSA (``1/z_i = z_i``).
 
     Memory = inference (MeZO's seed trick): a direction is never stored. It is named by a seed
-    from ``generator`` and regenerated per parameter (:func:`weight_noise`) while the parameter's
+    from ``generator`` and regenerated per parameter (:func:`seeded_noise`) while the parameter's
     module runs and again when ``ĝ`` is accumulated. Unlike MeZO's in-place
     ``θ += εz; θ -= 2εz; θ += εz``, which leaves rounding error in the weights, the original
     storage is put back, so the weights are restored bit-exactly.

@@ -1,12 +1,10 @@
-"""Samplers, baselines and plans: exact values of the small transforms, and variance reduction
-measured against plain iid noise without a baseline at equal forward rows (fixed seeds)."""
+"""Samplers (ulr.samplers): copy layouts and groups, the noise blocks, and the quasi-Monte Carlo
+sampler's distribution, stratification, unbiasedness and variance (fixed seeds)."""
 
 import pytest
 import torch
-from conftest import ce
 
 import ulr
-from ulr.baselines import Context
 
 
 def test_antithetic_layout_and_groups():
@@ -17,64 +15,6 @@ def test_antithetic_layout_and_groups():
     torch.testing.assert_close(z[3:], -z[:3])
     assert ulr.antithetic().copy_groups(6).tolist() == [0, 1, 2, 0, 1, 2]
     assert ulr.iid().copy_groups(3).tolist() == [0, 1, 2]
-
-
-def test_leave_one_out_values():
-    losses = torch.tensor([[1.0, 10.0], [2.0, 20.0], [6.0, 60.0]])
-    out = ulr.baselines.leave_one_out()(losses, Context(torch.arange(3)))
-    torch.testing.assert_close(out, torch.tensor([[-3.0, -30.0], [-1.5, -15.0], [4.5, 45.0]]))
-    # antithetic partners (same group) are not each other's baseline
-    losses = torch.tensor([[1.0], [2.0], [5.0], [8.0]])
-    out = ulr.baselines.leave_one_out()(losses, Context(torch.tensor([0, 1, 0, 1])))
-    torch.testing.assert_close(out, torch.tensor([[1 - 5.0], [2 - 3.0], [5 - 5.0], [8 - 3.0]]))
-
-
-def test_clean_and_running_average_and_chain():
-    losses = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    ctx = Context(torch.arange(2), clean_losses=torch.tensor([0.5, 1.0]))
-    torch.testing.assert_close(ulr.baselines.clean()(losses, ctx),
-                               torch.tensor([[0.5, 1.0], [2.5, 3.0]]))
-    ra = ulr.baselines.running_average(0.5)
-    torch.testing.assert_close(ra(losses, ctx), losses)  # first step: nothing to subtract
-    torch.testing.assert_close(ra(losses + 1, ctx), losses + 1 - 2.5)
-    assert ra.state_dict() == {"values": {"all": 0.5 * 2.5 + 0.5 * 3.5}}
-    fresh = ulr.baselines.running_average(0.5)
-    fresh.load_state_dict(ra.state_dict())
-    torch.testing.assert_close(fresh(losses, ctx), losses - 3.0)
-    chained = ulr.baselines.chain(ulr.baselines.clean(), ulr.baselines.leave_one_out())
-    assert chained.needs_clean
-    with pytest.raises(ValueError):
-        ulr.baselines.running_average(1.0)
-
-
-def _spread(mlp, x, y, sampler, baseline, plan, k, repeats=40):
-    """Mean squared deviation of repeated estimates from their mean, summed over params."""
-    est = ulr.LikelihoodRatio(mlp, noise=ulr.Gaussian(0.05), num_copies=k, sampler=sampler,
-                              baseline=baseline, plan=plan,
-                              generator=torch.Generator().manual_seed(0))
-    samples = []
-    for _ in range(repeats):
-        mlp.zero_grad(set_to_none=True)
-        est.loss_and_grads(ce, x, y)
-        samples.append(torch.cat([p.grad.flatten() for p in mlp.parameters()]))
-    s = torch.stack(samples)
-    return (s - s.mean(0)).pow(2).sum(1).mean().item()
-
-
-def test_variance_reduction_at_equal_forward_rows(mlp):
-    """Each technique lowers the empirical variance of the estimate at the same number of
-    perturbed forward rows (3 layers x 8 copies for layer-wise = 24 copies all-sites)."""
-    torch.manual_seed(0)
-    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
-    all_sites, layerwise = ulr.plans.all_sites(), ulr.plans.layerwise()
-    none, loo = ulr.baselines.none(), ulr.baselines.leave_one_out()
-    plain = _spread(mlp, x, y, ulr.iid(), none, all_sites, 24)
-    with_loo = _spread(mlp, x, y, ulr.iid(), loo, all_sites, 24)
-    anti = _spread(mlp, x, y, ulr.antithetic(), none, all_sites, 24)
-    best = _spread(mlp, x, y, ulr.antithetic(), loo, layerwise, 8)
-    assert with_loo < plain / 2
-    assert anti < plain / 2
-    assert best < plain / 4, (plain, with_loo, anti, best)
 
 
 def test_sobol_rows_are_distributed_as_the_noise():
@@ -153,3 +93,36 @@ def test_sobol_with_a_per_channel_scale():
     assert z.shape == (64, 50, 3, 2, 2)
     std = z.transpose(0, 2).reshape(3, -1).std(dim=1)
     torch.testing.assert_close(std, sigma.flatten(), rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize("make", [ulr.iid, ulr.antithetic, ulr.sobol], ids=lambda f: f.__name__)
+def test_blocks_hold_every_copy_once_and_equal_sample(make):
+    shape = torch.Size([3, 2])
+    kw = {"device": torch.device("cpu")}
+    whole = make().sample(ulr.Gaussian(1.0), 8, shape, generator=torch.Generator().manual_seed(0),
+                           **kw)
+    blocks = list(make().blocks(ulr.Gaussian(1.0), 8, shape,
+                                 generator=torch.Generator().manual_seed(0), **kw))
+    covered = torch.zeros(8, dtype=torch.long)
+    for k, z in blocks:  # in an order of the sampler's choosing
+        covered[k:k + len(z)] += 1
+        assert torch.equal(z, whole[k:k + len(z)])
+    assert covered.tolist() == [1] * 8
+
+
+def test_check_num_copies_and_state_round_trip():
+    with pytest.raises(ValueError, match="num_copies must be >= 1"):
+        ulr.iid().check_num_copies(0)
+    with pytest.raises(ValueError):
+        ulr.antithetic().check_num_copies(3)  # pairs need an even count
+    sampler = ulr.sobol()
+    gen = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+    sampler.sample(ulr.Gaussian(1.0), 4, torch.Size([2, 3]), generator=gen, device=cpu)
+    state, gen_state = sampler.state_dict(), gen.get_state()
+    want = sampler.sample(ulr.Gaussian(1.0), 4, torch.Size([2, 3]), generator=gen, device=cpu)
+    other = ulr.sobol()
+    other.load_state_dict(state)
+    gen.set_state(gen_state)
+    got = other.sample(ulr.Gaussian(1.0), 4, torch.Size([2, 3]), generator=gen, device=cpu)
+    assert torch.equal(got, want)
