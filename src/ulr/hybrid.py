@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .noise import Noise
-from .sites import SiteSpec, by_name
+from .sites import SiteSpec, by_name, named_param_owners
 
 __all__ = ["layers", "block_ends", "blocks"]
 
@@ -47,10 +47,7 @@ def layers(model: nn.Module) -> list[str]:
     """Qualified names of the modules that directly own a trainable parameter, in registration
     order (``model.named_modules()``; for the reference models and ``nn.Sequential`` that is
     the order of the forward pass). These are the sites of pure ULR."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    return [name for name, m in model.named_modules()
-            if any(p.requires_grad for p in m.parameters(recurse=False))]
+    return [name for name, _ in named_param_owners(model)]
 
 
 def block_ends(model: nn.Module, num_blocks: int) -> list[str]:

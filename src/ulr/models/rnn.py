@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..sites import named_param_owners
 from ._common import ULRConfig, check_positive
 
 Kind = Literal["rnn", "gru", "lstm"]
@@ -208,7 +209,6 @@ class RecurrentClassifier(nn.Module):
     def ulr_config(self) -> ULRConfig:
         """Starting ULR configuration: ``sigma`` 0.05 everywhere; ``num_copies`` 128 for the
         recurrent site(s) (``T × gates`` noise dimensions per example), 32 for ``head``."""
-        owners = [n for n, m in self.named_modules()
-                  if any(True for _ in m.parameters(recurse=False))]
+        owners = [n for n, _ in named_param_owners(self, trainable=False)]
         return {"sigma": dict.fromkeys(owners, _SIGMA),
                 "num_copies": {n: _HEAD_COPIES if n == "head" else _CELL_COPIES for n in owners}}

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..sites import named_param_owners
 from ._common import ULRConfig, check_positive
 
 _SIGMA = 0.05
@@ -128,7 +129,6 @@ class TransformerClassifier(nn.Module):
 
     def ulr_config(self) -> ULRConfig:
         """``sigma`` 0.05 and ``num_copies`` 64 for every site (starting points)."""
-        owners = [n for n, m in self.named_modules()
-                  if any(True for _ in m.parameters(recurse=False))]
+        owners = [n for n, _ in named_param_owners(self, trainable=False)]
         return {"sigma": dict.fromkeys(owners, _SIGMA),
                 "num_copies": dict.fromkeys(owners, _COPIES)}
