@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...sites import named_param_owners
+
 BATCH = 32
 
 
@@ -58,8 +60,8 @@ def generator_for(*key: int) -> torch.Generator:
 def parameter_owners(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     """The modules that own parameters (ULR's noise sites, the layers of the cosine tables),
     by name, with their own parameters."""
-    return [(name, list(m.parameters(recurse=False))) for name, m in model.named_modules()
-            if any(True for _ in m.parameters(recurse=False))]
+    return [(name, list(m.parameters(recurse=False)))
+            for name, m in named_param_owners(model, trainable=False)]
 
 
 def layer_grads(model: nn.Module) -> dict[str, Tensor]:
