@@ -143,7 +143,7 @@ def worker(rank, world_size):
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    from ulr.distributed import launch
+    from ulr.train.launch import launch
 
     return launch(worker, 2, timeout_s=60, deadline_s=240)
 

@@ -240,6 +240,8 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
 
 
 def best_epoch(history: list[dict[str, Any]], task: str) -> dict[str, Any] | None:
+    """The epoch row of best validation score (accuracy; loss for regression), trimmed to the
+    summary's ``best`` entry; ``None`` before any scored epoch."""
     key = "val_loss" if task == "regression" else "val_acc"
     scored = [r for r in history if r.get(key) is not None]
     if not scored:
