@@ -170,16 +170,18 @@ def write_comparison(group: Path, table: str, summaries: Sequence[dict[str, Any]
     (group / COMPARISON_JSON).write_text(json.dumps(list(summaries), indent=2))
 
 
-def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run directories among ``paths``; a directory of runs (as ``ulr compare`` writes) stands
-    for the runs in it, in ``group.json`` order when present.
+def expand_run_dirs(paths: Sequence[str | Path], *, needs: str = METRICS) -> list[Path]:
+    """Run directories among ``paths``, each holding the file ``needs`` (``metrics.jsonl`` to
+    plot a run, ``checkpoint.pt`` or ``best.pt`` to load its model); a directory of runs (as
+    ``ulr train`` with several methods and ``ulr compare`` write) stands for the runs in it, in
+    ``group.json`` order when present.
 
     Raises:
-        FileNotFoundError: a path that neither is nor contains a run directory.
+        FileNotFoundError: a path that neither is nor contains such a run directory.
     """
     found: list[Path] = []
     for p in map(Path, paths):
-        if (p / METRICS).is_file():
+        if (p / needs).is_file():
             found.append(p)
             continue
         group = read_json(p / GROUP_FILE)
@@ -187,9 +189,9 @@ def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
             subs = [p / r["dir"] for r in group.get("runs", [])]
         else:
             subs = sorted(d for d in p.iterdir() if d.is_dir()) if p.is_dir() else []
-        subs = [d for d in subs if (d / METRICS).is_file()]
+        subs = [d for d in subs if (d / needs).is_file()]
         if not subs:
-            raise FileNotFoundError(f"{p} is neither a run directory (with {METRICS}) nor "
+            raise FileNotFoundError(f"{p} is neither a run directory (with {needs}) nor "
                                     f"a directory of runs")
         found.extend(subs)
     return found
