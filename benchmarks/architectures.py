@@ -132,8 +132,11 @@ def _train_batches(task: Task, ds: Any, model: nn.Module, method: str, epochs: i
                    smoke: bool) -> None:
     (x, y) = ds.train
     opt = torch.optim.Adam(model.parameters(), lr=task.lr)
-    row_loss = {"ce": ce, "mse": mse, "zero-one": zero_one_loss}[task.loss]
-    est = _estimator(model, task, seed) if method == "ulr" else None
+    # Backprop under the same contract: one step for both methods (bp trains on the
+    # differentiable loss of the task, CE for the 0-1 tasks).
+    row_loss = ({"ce": ce, "mse": mse, "zero-one": zero_one_loss}[task.loss] if method == "ulr"
+                else mse if task.loss == "mse" else ce)
+    est = _estimator(model, task, seed) if method == "ulr" else ulr.peers.Backprop(model)
     order = torch.Generator().manual_seed(seed)
     steps = epochs * -(-len(x) // task.batch)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -143,10 +146,7 @@ def _train_batches(task: Task, ds: Any, model: nn.Module, method: str, epochs: i
         for i, (xb, yb) in enumerate(ulr.data.batches(x, y, task.batch, shuffle=True,
                                                       generator=order)):
             opt.zero_grad(set_to_none=True)
-            if est is not None:
-                est.loss_and_grads(row_loss, xb, yb)
-            else:
-                (mse if task.loss == "mse" else ce)(model(xb), yb).mean().backward()
+            est.loss_and_grads(row_loss, xb, yb)
             opt.step()
             if sched is not None:
                 sched.step()

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     module = importlib.import_module(Path(__file__).stem)
     if Path(module.__file__).resolve() != Path(__file__).resolve():
         raise RuntimeError(f"another module named {Path(__file__).stem!r} shadows {__file__}")
-    from ulr.distributed import launch
+    from ulr.train.launch import launch
 
     runs: dict[tuple[str, str], list[dict]] = {}
     loads = []

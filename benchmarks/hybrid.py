@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 from statistics import mean
 
-from ulr.config import RunConfig
-from ulr.train import Callback, fit
+from ulr.train import Callback, RunConfig, fit
 
 VARIANTS = [("pure ULR", None), ("hybrid 4 blocks", 4), ("hybrid 2 blocks", 2),
             ("hybrid 1 block", 1), ("pure BP", 0)]

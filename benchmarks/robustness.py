@@ -39,9 +39,8 @@ from pathlib import Path
 
 import torch
 
-from ulr.config import RunConfig
 from ulr.evaluate import robust
-from ulr.train import environment, fit
+from ulr.train import RunConfig, environment, fit
 
 # Each suite: run options shared by every method, the ULR-only options (bp-noise takes the same
 # noise: sigma and sites), and the evaluation: test examples (None = the whole split).

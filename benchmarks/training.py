@@ -20,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from ulr.config import RunConfig
-from ulr.train import Callback, fit
+from ulr.train import Callback, RunConfig, fit
 
 # Each suite: (dataset, model, model args, ULR overrides, epochs, batch size, floor).
 # Floors are issue #3's: digits MLP ULR >= 96%; MNIST subset within 3 points of BP;

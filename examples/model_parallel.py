@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ulr
-from ulr.distributed import launch
+from ulr.train.launch import launch
 
 K, BATCH, WIDTH = 32, 32, 128
 

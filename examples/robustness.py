@@ -17,9 +17,8 @@ import tempfile
 
 import torch
 
-from ulr.config import RunConfig
 from ulr.evaluate import robust
-from ulr.train import fit
+from ulr.train import RunConfig, fit
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--smoke", action="store_true", help="a few training steps only")

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from ulr.cli import main
-from ulr.config import keys
+from ulr.train import keys
 
 FAST = ["--threads", "1", "--device", "cpu", "--quiet", "--batch-size", "128",
         "--num-copies", "8"]
@@ -259,19 +259,6 @@ def test_site_sigma_flags_come_before_the_file_and_zero_one_loss(tmp_path, capsy
     assert "--site-sigma needs PATTERN=SIGMA" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
-
-def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
-    """The default run directory is created exclusively and names the seed: two commands in
-    the same second never share one (they used to interleave metrics.jsonl)."""
-    from ulr.cli import _new_dir
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("ulr.cli.time.strftime", lambda fmt: "20261205-090948")
-    a = _new_dir(["mlp", "digits", "ulr", "seed0"])
-    b = _new_dir(["mlp", "digits", "ulr", "seed0"])
-    assert a != b and a.is_dir() and b.is_dir()
-    assert (a.name, b.name) == ("20261205-090948-mlp-digits-ulr-seed0",
-                                "20261205-090948-mlp-digits-ulr-seed0-2")
 
 
 def test_a_run_directory_in_use_is_refused_and_left_alone(tmp_path, capsys):

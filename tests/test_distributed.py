@@ -143,7 +143,7 @@ def worker(rank, world_size):
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    from ulr.distributed import launch
+    from ulr.train.launch import launch
 
     return launch(worker, 2, timeout_s=60, deadline_s=240)
 
@@ -300,8 +300,7 @@ def _rows(path):
 
 
 def _same_as_one_process(run, method, steps, **config):
-    from ulr.config import RunConfig
-    from ulr.train import fit
+    from ulr.train import RunConfig, fit
 
     losses = []
 

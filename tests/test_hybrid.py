@@ -14,9 +14,8 @@ from conftest import ce
 from torch import nn
 
 import ulr
-from ulr.config import ConfigError, RunConfig
 from ulr.models import LeNet5
-from ulr.train import fit
+from ulr.train import ConfigError, RunConfig, fit
 
 
 def _oracle(model, ends, x, y, *, noise, num_copies, generator, passes):

@@ -7,7 +7,7 @@ import sys
 CORE = ["ulr", "ulr.estimator", "ulr.noise", "ulr.samplers", "ulr.sites", "ulr.plans",
         "ulr.baselines", "ulr.functional", "ulr.parallel", "ulr.allocator", "ulr.hybrid",
         "ulr.schedules", "ulr.transforms", "ulr.contract"]
-ABOVE = ["ulr.train", "ulr.config", "ulr.cli", "ulr.evaluate",
+ABOVE = ["ulr.train", "ulr.cli", "ulr.evaluate",
          "ulr.finetune", "ulr.data", "ulr.models", "ulr.peers", "ulr.distributed"]
 
 

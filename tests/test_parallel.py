@@ -184,8 +184,7 @@ def test_cuda_streams_give_the_sequential_gradients(name):
 
 
 def test_ulr_train_workers_gives_the_same_run():
-    from ulr.config import ConfigError, RunConfig
-    from ulr.train import fit
+    from ulr.train import ConfigError, RunConfig, fit
 
     tiny = dict(model="lenet5", batch_size=64, num_copies=4, threads=1, device="cpu", epochs=1,
                 max_steps=3)

@@ -4,43 +4,26 @@
 
 ``ulr train`` with no arguments trains the reference MLP on the embedded digits data with the
 likelihood-ratio estimator and with backpropagation, from the same seed, and prints a
-comparison table. Every option of :class:`ulr.config.RunConfig` is a flag and a config-file
+comparison table. Every option of :class:`ulr.train.RunConfig` is a flag and a config-file
 key; see ``docs/cli.md`` and ``ulr train --help``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .allocator import tune_allocator_for_cli
-from .config import (
-    METHODS,
-    TABLES,
-    ConfigError,
-    RunConfig,
-    check_options_used,
-    check_values,
-    configs_from_values,
-    field_help,
-    keys,
-    load_toml,
-    parse_value,
-)
+from .train.config import METHODS, TABLES, ConfigError, check_values, field_help, keys
+from .train.config_file import parse_value
+from .train.runs import DEFAULT_METHODS
 
 __all__ = ["build_parser", "main"]
 
-#: Methods trained when neither the command line nor a config file names one.
-DEFAULT_METHODS = ["ulr", "bp"]
-GROUP_FILE = "group.json"
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -235,14 +218,6 @@ def _robust(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Planned:
-    label: str
-    config: RunConfig
-    dir: Path
-    resume: bool = False
-
-
 def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """The run options given on the command line, checked like config-file values."""
     given = {k: v for k, v in vars(args).items() if k in keys() and k not in TABLES}
@@ -268,205 +243,11 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _layer(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = {**base, **top}
-    for name in TABLES:
-        if name in base and name in top:
-            # top's keys first: site_sigma takes the first matching pattern
-            merged[name] = {**top[name], **{k: v for k, v in base[name].items()
-                                            if k not in top[name]}}
-            for key, value in top[name].items():
-                if isinstance(value, dict) and isinstance(base[name].get(key), dict):
-                    merged[name][key] = {**base[name][key], **value}
-    return merged
-
-
-def _new_dir(parts: Sequence[str]) -> Path:
-    """A new directory under runs/, created here and exclusively: two commands started in the
-    same second get two directories (the second gets a -2 suffix), never one."""
-    stem = "-".join([time.strftime("%Y%m%d-%H%M%S"), *parts])
-    path, n = Path("runs") / stem, 2
-    Path("runs").mkdir(exist_ok=True)
-    while True:
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            path, n = Path("runs") / f"{stem}-{n}", n + 1
-
-
-def _check_fresh(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output directory {path} is a file; choose another --out")
-    if path.exists() and any(path.iterdir()):
-        raise ConfigError(f"output directory {path} already exists and is not empty; choose "
-                          f"another --out, or continue it with --resume {path}")
-
-
-def _unique(labels: list[str]) -> list[str]:
-    out: list[str] = []
-    for label in labels:
-        name, n = label, 2
-        while name in out:
-            name, n = f"{label}-{n}", n + 1
-        out.append(name)
-    return out
-
-
-def _plan_group(group: Path, labels: list[str], configs: list[RunConfig],
-                command: str) -> list[_Planned]:
-    _check_fresh(group)
-    group.mkdir(parents=True, exist_ok=True)
-    planned = [_Planned(lbl, cfg, group / lbl) for lbl, cfg in zip(labels, configs)]
-    meta = {"command": command, "ulr": __version__,
-            "runs": [{"label": p.label, "dir": p.label, "config": p.config.to_dict()}
-                     for p in planned]}
-    (group / GROUP_FILE).write_text(json.dumps(meta, indent=2))
-    return planned
-
-
-def _no_out_on_resume(args: argparse.Namespace) -> None:
-    if args.out:
-        raise ConfigError(f"--out cannot be combined with --resume: the run goes on in its own "
-                          f"directory {args.resume}; drop --out (or copy the directory first)")
-
-
-def _check_not_spent(run_dir: Path, config: RunConfig) -> None:
-    """Resuming a run that stopped at max_steps with the same limit would do nothing."""
-    from .train import SUMMARY
-
-    try:
-        summary = json.loads((run_dir / SUMMARY).read_text())
-    except (OSError, ValueError):
-        return
-    steps = summary.get("steps")
-    stopped = str(summary.get("status", "")).startswith("stopped at max_steps")
-    if stopped and config.max_steps is not None and isinstance(steps, int) \
-            and config.max_steps <= steps:
-        raise ConfigError(
-            f"{run_dir} stopped at max_steps={steps}; resuming with max_steps="
-            f"{config.max_steps} would do nothing. Pass a larger --max-steps, or --max-steps 0 "
-            f"for no limit")
-
-
-def _plan_resume(path: Path, overrides: dict[str, Any]) -> tuple[list[_Planned], Path | None]:
-    from .train import CHECKPOINT, CONFIG_JSON, resume_config
-
-    if "method" in overrides:
-        raise ConfigError("--method cannot change on --resume; start a new run for another "
-                          "method")
-    if (path / CONFIG_JSON).is_file() or (path / CHECKPOINT).is_file():
-        config = resume_config(path, overrides)
-        _check_not_spent(path, config)
-        return [_Planned(config.method, config, path, resume=True)], None
-    group_file = path / GROUP_FILE
-    if not group_file.is_file():
-        raise ConfigError(f"cannot resume {path}: it is neither a run directory (config.json, "
-                          f"checkpoint.pt) nor a comparison directory ({GROUP_FILE})")
-    try:
-        runs = json.loads(group_file.read_text())["runs"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"cannot resume {path}: {group_file} is unreadable ({e})") from None
-    planned = []
-    for run in runs:
-        sub = path / run["dir"]
-        if (sub / CONFIG_JSON).is_file():
-            planned.append(_Planned(run["label"], resume_config(sub, overrides), sub, True))
-        else:  # interrupted before this run began
-            config = RunConfig.from_dict(run["config"], source=str(group_file))
-            planned.append(_Planned(run["label"], config.replace(**overrides), sub))
-    return planned, path
-
-
-def _execute(planned: list[_Planned], group: Path | None, *, quiet: bool,
-             plots: bool, created: bool = False) -> int:
-    from .distributed import rank
-    from .train import ConsoleProgress, TrainingInterrupted, fit, format_table
-
-    leader = rank() == 0
-    summaries = []
-    try:
-        for p in planned:
-            progress = ConsoleProgress(p.label, quiet=quiet, log_every=p.config.log_every)
-            summaries.append(fit(p.config, p.dir, resume=p.resume, callbacks=[progress],
-                                 label=p.label))
-    except Exception:
-        if group is not None and not summaries and leader:
-            _remove_if_unused(group)
-        elif created and leader and not any(planned[0].dir.iterdir()):
-            planned[0].dir.rmdir()  # the directory this command made, still empty
-        raise
-    except TrainingInterrupted as e:
-        if not leader:
-            return 130
-        where = group if group is not None else e.run_dir
-        current = planned[len(summaries)].label
-        print(f"\ninterrupted: {where} keeps the last checkpoint (run {current!r} after epoch "
-              f"{e.epoch}, step {e.step}); continue with: ulr train --resume {where}",
-              file=sys.stderr)
-        return 130
-    if not leader:
-        return 0
-    table = format_table(summaries)
-    print()
-    print(table)
-    if group is not None:
-        (group / "comparison.txt").write_text(table + "\n")
-        (group / "comparison.json").write_text(json.dumps(summaries, indent=2))
-        print(f"\nruns: {group}/{{{','.join(p.label for p in planned)}}}")
-        if plots:
-            from .evaluate.plots import load_run, plot_runs
-
-            written = plot_runs([load_run(p.dir, p.label) for p in planned], group)
-            print(f"plots: {', '.join(str(w) for w in written)}")
-    else:
-        print(f"\nrun directory: {planned[0].dir}")
-        if plots:  # a single run draws its own curves (and cosine.png with --diag-every)
-            from .evaluate.plots import load_run, plot_runs
-
-            written = plot_runs([load_run(planned[0].dir, planned[0].label)], planned[0].dir)
-            print(f"plots: {', '.join(str(w) for w in written)}")
-    return 0
-
-
-def _remove_if_unused(group: Path) -> None:
-    """Remove a comparison directory whose first run failed before writing anything, so that
-    the same --out can be used again after fixing the options."""
-    entries = list(group.iterdir())
-    if all(e.name == GROUP_FILE or (e.is_dir() and not any(e.iterdir())) for e in entries):
-        for e in entries:
-            e.unlink() if e.is_file() else e.rmdir()
-        group.rmdir()
-
-
 def _train(args: argparse.Namespace) -> int:
-    from .distributed import on_rank0, rank
+    from .train import runs
 
-    flags = _flag_values(args)
-    file_values = load_toml(args.config) if args.config else {}
-    # Under several processes, rank 0 alone names, checks and creates the directories.
-    quiet = args.quiet or rank() > 0
-    if args.resume:
-        _no_out_on_resume(args)
-        planned, group = on_rank0(_plan_resume, Path(args.resume), _layer(file_values, flags))
-        return _execute(planned, group, quiet=quiet, plots=args.plots)
-    values = _layer({"method": DEFAULT_METHODS, **file_values}, flags)
-    configs = configs_from_values(values, args.config or "command line")
-    first = configs[0]
-    methods = [c.method for c in configs]
-    check_options_used(flags, methods, "command line")
-    check_options_used(file_values, methods, str(args.config))
-
-    def plan() -> tuple[list[_Planned], Path | None]:
-        out = Path(args.out) if args.out else _new_dir(
-            [first.model, first.data, *methods, f"seed{first.seed}"])
-        if len(configs) == 1:
-            _check_fresh(out)
-            return [_Planned(first.method, first, out)], None
-        return _plan_group(out, methods, configs, "train"), out
-
-    planned, group = on_rank0(plan)
-    return _execute(planned, group, quiet=quiet, plots=args.plots, created=not args.out)
+    return runs.train(_flag_values(args), config_file=args.config, out=args.out,
+                      resume=args.resume, quiet=args.quiet, plots=args.plots)
 
 
 def _rank_main(rank: int, world_size: int, argv: list[str]) -> None:
@@ -476,78 +257,17 @@ def _rank_main(rank: int, world_size: int, argv: list[str]) -> None:
         sys.exit(code)
 
 
-def _launch(nproc: int, argv: list[str]) -> int:
-    """``ulr train --nproc N``: N local processes, each running this command."""
-    import torch.multiprocessing as mp
-
-    from .distributed import launch
-
-    deadline = os.environ.get("ULR_DIST_DEADLINE")  # seconds; for tests and batch jobs
-    try:
-        launch(_rank_main, nproc, argv, results=False,
-               deadline_s=float(deadline) if deadline else None)
-    except TimeoutError as e:
-        print(f"ulr train: error: {e}", file=sys.stderr)
-        return 1
-    except mp.ProcessExitedException as e:
-        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
-    except mp.ProcessRaisedException as e:
-        print(f"ulr train: a process failed:\n{e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def _compare(args: argparse.Namespace) -> int:
-    flags = _flag_values(args)
-    if args.resume:
-        _no_out_on_resume(args)
-        planned, group = _plan_resume(Path(args.resume), flags)
-        return _execute(planned, group or Path(args.resume), quiet=args.quiet,
-                        plots=args.plots)
-    labels: list[str] = []
-    configs: list[RunConfig] = []
-    if args.configs:
-        for path in args.configs:
-            runs = configs_from_values(_layer({"method": DEFAULT_METHODS[:1],
-                                               **load_toml(path)}, flags), path)
-            stem = Path(path).stem
-            labels += [f"{stem}-{c.method}" if len(runs) > 1 else stem for c in runs]
-            configs += runs
-    else:
-        configs = configs_from_values(_layer({"method": DEFAULT_METHODS}, flags))
-        labels = [c.method for c in configs]
-    labels = _unique(labels)
-    same = {(c.model, c.data, c.seed) for c in configs}
-    if len(same) > 1:
-        print(f"note: the runs differ in (model, data, seed): {sorted(same)}", file=sys.stderr)
-    first = configs[0]
-    parts = (["compare", first.model, first.data, f"seed{first.seed}"] if len(same) == 1
-             else ["compare"])
-    out = Path(args.out) if args.out else _new_dir(parts)
-    planned = _plan_group(out, labels, configs, "compare")
-    return _execute(planned, out, quiet=args.quiet, plots=args.plots)
+    from .train import runs
+
+    return runs.compare(_flag_values(args), config_files=args.configs, out=args.out,
+                        resume=args.resume, quiet=args.quiet, plots=args.plots)
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .evaluate.plots import expand_run_dirs, load_run, plot_runs
-    from .train import format_table
+    from .train import runs
 
-    dirs = expand_run_dirs(args.runs)
-    runs = [load_run(d) for d in dirs]
-    labels = [r.label for r in runs]
-    if len(set(labels)) < len(labels):
-        for r in runs:
-            r.label = f"{r.path.parent.name}/{r.path.name}"
-    out = Path(args.out) if args.out else Path(args.runs[0])
-    written = plot_runs(runs, out)
-    done = [dict(r.summary, label=r.label) for r in runs if r.summary is not None]
-    if done:
-        print(format_table(done))
-    unfinished = [r.label for r in runs if r.summary is None]
-    if unfinished:
-        print(f"(no summary yet, plotted only: {', '.join(unfinished)})")
-    print(f"plots: {', '.join(str(w) for w in written)}")
-    return 0
+    return runs.plot(args.runs, args.out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -572,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     command = {"train": _train, "compare": _compare, "plot": _plot,
                "bench": _bench, "robust": _robust}[args.command]
-    from .train import CheckpointError
+    from .train.rundir import CheckpointError
 
     try:
         return command(args)
@@ -616,12 +336,14 @@ def _train_processes(args: argparse.Namespace, argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     if args.nproc > 1 and not launched:
+        from .train.launch import run_command
+
         try:
-            return _launch(args.nproc, argv)
+            return run_command(_rank_main, args.nproc, argv)
         except KeyboardInterrupt:
             return 130
     started = init_from_env()
-    from .train import CheckpointError
+    from .train.rundir import CheckpointError
 
     try:
         return _train(args)

@@ -399,7 +399,7 @@ def test_defaults_are_the_best_measured_configuration(mlp):
         "iid()", "leave_one_out()", "layerwise(groups=None, num_copies=None)")
     assert est.num_copies == 32 and repr(ulr.LikelihoodRatio(mlp, num_copies=1).baseline) == (
         "none()")
-    from ulr.config import RunConfig
+    from ulr.train import RunConfig
     assert (RunConfig().sampler, RunConfig().baseline, RunConfig().plan) == (
         "iid", "leave-one-out", "layerwise")
 

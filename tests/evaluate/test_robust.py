@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ulr.cli import main
-from ulr.config import RunConfig
 from ulr.evaluate import robust
 from ulr.evaluate.robust import (
     ATTACKS,
@@ -21,7 +20,7 @@ from ulr.evaluate.robust import (
     radius,
 )
 from ulr.models import BinaryMLP, BlackBoxMLP, SpikingMLP
-from ulr.train import fit
+from ulr.train import RunConfig, fit
 
 BP = dict(method="bp", epochs=8, threads=1, device="cpu")
 

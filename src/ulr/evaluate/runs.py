@@ -1,12 +1,9 @@
 """Reading the run directories that ``ulr train`` writes, for the evaluation tools.
 
-The one place where :mod:`ulr.evaluate` spells the run directory's file names: the records of a
-run (:func:`load_run`, for the plots), its weights (:func:`checkpoint_path`, for
-``ulr robust``), and the expansion of a directory of runs (``ulr train`` with several methods,
-``ulr compare``) into its runs, shared by both.
+The file names and the directory-of-runs expander are :mod:`ulr.train.rundir`'s (the writer's);
+this module adds what evaluation reads: the records of a run (:func:`load_run`, for the plots)
+and its weights (:func:`checkpoint_path`, :func:`expand_checkpoints`, for ``ulr robust``).
 """
-
-# issue 15: switch to ulr.train.rundir (the writer's own names, reading and expander)
 
 from __future__ import annotations
 
@@ -16,24 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..train.rundir import (
+    BEST,
+    CHECKPOINT,
+    CONFIG_JSON,
+    METRICS,
+    SUMMARY,
+    expand_run_dirs,
+    read_json,
+    runs_in,
+)
+
 __all__ = ["WEIGHTS", "Run", "checkpoint_path", "expand_checkpoints", "expand_run_dirs",
            "load_run", "read_json"]
 
-METRICS = "metrics.jsonl"
-CONFIG = "config.json"
-SUMMARY = "summary.json"
-GROUP = "group.json"
-CHECKPOINT = "checkpoint.pt"
 #: which weights of a run directory: the last epoch's, or the best validation epoch's
-WEIGHTS = {"last": CHECKPOINT, "best": "best.pt"}
-
-
-def read_json(path: Path) -> Any:
-    """The JSON in ``path``, or ``None`` when it is missing or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+WEIGHTS = {"last": CHECKPOINT, "best": BEST}
 
 
 @dataclass
@@ -74,7 +69,7 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     if not metrics.is_file():
         raise FileNotFoundError(f"{path} is not a run directory: it has no metrics.jsonl "
                                 f"(run directories are written by ulr train)")
-    run = Run(label or "", path, read_json(path / CONFIG) or {}, read_json(path / SUMMARY))
+    run = Run(label or "", path, read_json(path / CONFIG_JSON) or {}, read_json(path / SUMMARY))
     start_label = None
     for line in metrics.read_text().splitlines():
         try:
@@ -91,37 +86,6 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     if not run.label:
         run.label = (run.summary or {}).get("label") or start_label or path.name
     return run
-
-
-def _runs_in(path: Path, marker: str) -> list[Path]:
-    """The runs of a directory of runs that hold ``marker``: those ``group.json`` lists, in its
-    order, else the subdirectories in name order."""
-    group = read_json(path / GROUP)
-    if isinstance(group, dict) and isinstance(group.get("runs"), list):
-        subs = [path / r["dir"] for r in group["runs"] if isinstance(r, dict) and "dir" in r]
-    else:
-        subs = sorted(d for d in path.iterdir() if d.is_dir()) if path.is_dir() else []
-    return [d for d in subs if (d / marker).is_file()]
-
-
-def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run directories among ``paths``; a directory of runs (as ``ulr compare`` writes) stands
-    for the runs in it, in ``group.json`` order when present.
-
-    Raises:
-        FileNotFoundError: a path that neither is nor contains a run directory.
-    """
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if (p / METRICS).is_file():
-            found.append(p)
-            continue
-        subs = _runs_in(p, METRICS)
-        if not subs:
-            raise FileNotFoundError(f"{p} is neither a run directory (with metrics.jsonl) nor "
-                                    f"a directory of runs")
-        found.extend(subs)
-    return found
 
 
 def checkpoint_path(path: Path, weights: str = "last") -> Path:
@@ -158,6 +122,6 @@ def expand_checkpoints(paths: Sequence[str | Path]) -> list[Path]:
     """
     found: list[Path] = []
     for p in map(Path, paths):
-        subs = _runs_in(p, CHECKPOINT) if not (p / CHECKPOINT).is_file() else []
+        subs = runs_in(p, CHECKPOINT) if not (p / CHECKPOINT).is_file() else []
         found.extend([s / CHECKPOINT for s in subs] or [checkpoint_path(p)])
     return found

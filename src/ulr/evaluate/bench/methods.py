@@ -15,6 +15,7 @@ from ...estimator import LikelihoodRatio
 from ...noise import Gaussian
 from ...peers import SPSA, Backprop, EvolutionStrategies, ForwardGradient
 from ...samplers import antithetic, iid
+from ...train.recipes import recommended_noise
 from .harness import parameter_owners
 
 ES_SIGMA = 0.02
@@ -39,10 +40,10 @@ class Method:
 
 
 def _site_sigma(model: nn.Module) -> dict[str, Any]:
-    cfg = model.ulr_config() if hasattr(model, "ulr_config") else None
-    if cfg is None:
+    # The model's recommended output noise, as `ulr train --recommended` reads it.
+    if not hasattr(model, "ulr_config"):
         return {"*": Gaussian(0.1)}
-    return {name: Gaussian(s) for name, s in cfg["sigma"].items()}
+    return recommended_noise(model, Gaussian, weights=False)[0]
 
 
 def _train_copies(model: nn.Module) -> int:

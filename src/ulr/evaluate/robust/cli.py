@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ...train.rundir import CHECKPOINT
 from ..runs import WEIGHTS, expand_checkpoints
 from .conditions import ATTACKS, CORRUPTIONS, DEFAULT_EPS, choose
 from .evaluation import evaluate
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     t0 = time.perf_counter()
     for path, label in zip(paths, _labels(paths)):
-        loaded = load(path.parent if path.name == "checkpoint.pt" else path, split=args.split,
+        loaded = load(path.parent if path.name == CHECKPOINT else path, split=args.split,
                       limit=args.limit, label=label, weights=args.weights)
         if surrogate is not None and (surrogate.x.shape != loaded.x.shape
                                       or not torch.equal(surrogate.x, loaded.x)):

@@ -82,8 +82,7 @@ def load(path: str | Path, *, split: str = "test", limit: int | None = None,
         ValueError: an unreadable checkpoint, a regression run (accuracy is undefined), an
             empty split, or a bad ``split``/``limit``/``weights``.
     """
-    from ...config import RunConfig  # issue 15: switch to ulr.train.RunConfig
-    from ...train import _build_model  # issue 15: switch to ulr.train.build_model
+    from ...train import RunConfig, build_model
 
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
@@ -107,7 +106,7 @@ def load(path: str | Path, *, split: str = "test", limit: int | None = None,
     if not isinstance(ds, Dataset) or ds.task != "classification":
         raise ValueError(f"{ckpt_path}: dataset {config.data!r} is not a classification task "
                          f"of in-memory (x, y) examples; ulr robust measures accuracy")
-    model = _build_model(config, ds)
+    model = build_model(config, ds)
     model.load_state_dict(weights)
     model.eval()
     x, y = ds.test if split == "test" else ds.val

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from ulr.config import RunConfig
 from ulr.train import (
     Callback,
     CheckpointError,
+    RunConfig,
     TrainingInterrupted,
     fit,
     format_table,
@@ -226,34 +226,17 @@ def test_recommended_config_is_used():
     assert summary["forward_rows"] == 128 + 64 * 128 + 32 * 128
 
 
-def test_format_table_lists_every_run():
-    s = fit(tiny(max_steps=1, epochs=1))
-    table = format_table([s, {**s, "label": "other"}])
-    assert "test acc" in table and "fwd rows" in table
-    assert table.splitlines()[2].startswith("ulr") and table.splitlines()[3].startswith("other")
-
 
 def test_unsupported_dataset_kind_is_refused(monkeypatch):
-    import ulr.train
+    import ulr.train.recipes
 
     class GraphLike:
         task = "link-prediction"
 
-    monkeypatch.setattr(ulr.train, "_dataset", lambda *args: GraphLike())
+    monkeypatch.setattr(ulr.train.recipes, "dataset", lambda *args: GraphLike())
     with pytest.raises(ValueError, match="GraphLike.*ulr train handles.*digits"):
         fit(tiny(max_steps=1))
 
-
-def test_recommended_weight_noise_reaches_the_estimator():
-    """ResNet-5's recommended config puts weight noise on conv1/conv2 and output noise after."""
-    import ulr
-    from ulr.train import _estimator
-
-    model = ulr.models.build("resnet5", in_shape=(1, 8, 8), num_classes=10)
-    est = _estimator(tiny(model="resnet5", recommended=True), model, torch.device("cpu"))
-    kinds = {s.name: s.weight_noise for s in est._module_sites.values()}
-    assert kinds == {"conv1": True, "conv2": True, "conv3": False, "conv4": False, "fc": False}
-    assert est._module_sites[model.conv1].noise.sigma == 1e-3
 
 
 @pytest.mark.parametrize("method, args, rows_per_example", [
@@ -331,29 +314,6 @@ def test_zero_one_loss_needs_a_classifier():
         fit(tiny(data="karate", model="gcn", loss="zero-one", max_steps=1))
 
 
-def test_site_sigma_reaches_the_estimator_and_the_noise_injection():
-    """--site-sigma beats --recommended, which beats --sigma; bp-noise draws the same scales."""
-    import ulr
-    from ulr.train import _estimator, _NoiseInjection
-
-    model = ulr.models.build("mlp", in_shape=(64,), num_classes=10)
-    cpu = torch.device("cpu")
-
-    def sigmas(config):
-        est = _estimator(config, model, cpu)
-        est.loss_and_grads(lambda out: out.sum(1), torch.zeros(2, 64))
-        return {s.name: s.noise.sigma for s in est._module_sites.values()}
-
-    assert sigmas(tiny(sigma=0.3, site_sigma={"out": 2.0})) == {"hidden.0": 0.3, "out": 2.0}
-    rec = ulr.models.recommended_config(model)["sigma"]
-    assert sigmas(tiny(recommended=True, site_sigma={"out": 2.0})) == {
-        "hidden.0": rec["hidden.0"], "out": 2.0}
-    injection = _NoiseInjection(tiny(method="bp-noise", sigma=0.3, site_sigma={"h*": 0.7}),
-                                model, cpu)
-    assert {n: z.sigma for n, z in injection.noises.items()} == {"hidden.0": 0.7, "out": 0.3}
-    with pytest.raises(ValueError, match=r"patterns \['outt'\] match no module of mlp"):
-        _estimator(tiny(site_sigma={"outt": 2.0}), model, cpu)
-
 
 def test_checkpoints_inside_an_epoch_make_an_interrupt_lose_little(tmp_path):
     """checkpoint_every=4: a Ctrl-C at step 15 (inside epoch 2) keeps step 12, and --resume
@@ -366,18 +326,6 @@ def test_checkpoints_inside_an_epoch_make_an_interrupt_lose_little(tmp_path):
     assert rows(tmp_path / "straight") == rows(tmp_path / "cut")
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "cut"))
 
-
-def test_step_lines_with_eta(tmp_path):
-    import io
-
-    from ulr.train import ConsoleProgress
-
-    out = io.StringIO()
-    fit(tiny(epochs=1), tmp_path / "run",
-        callbacks=[ConsoleProgress("ulr", bar=False, file=out, log_every=5)])
-    lines = [line for line in out.getvalue().splitlines() if " step " in line]
-    assert lines and all("samples/s" in line for line in lines)
-    assert lines[0].startswith("[ulr] step 5/") and "ETA " in lines[0]
 
 
 def test_the_best_validation_weights_are_kept_beside_the_latest(tmp_path):

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from ulr.config import RunConfig
 from ulr.models import build
-from ulr.train import _NoiseInjection, fit
+from ulr.train import NoiseInjection, RunConfig, fit
 
 BP = dict(method="bp", epochs=3, threads=1, device="cpu")
 
@@ -19,7 +18,7 @@ def test_bp_noise_adds_the_configured_noise_in_training_mode_only():
     torch.manual_seed(0)
     model = build("mlp", in_shape=(1, 8, 8), num_classes=10)
     config = RunConfig(method="bp-noise", sigma=0.5, sites=["out"])
-    _NoiseInjection(config, model, torch.device("cpu"))
+    NoiseInjection(config, model, torch.device("cpu"))
     x = torch.rand(2000, 1, 8, 8)
     model.eval()
     clean = model(x)
@@ -33,9 +32,9 @@ def test_bp_noise_adds_the_configured_noise_in_training_mode_only():
 
 def test_bp_noise_sites_default_to_every_parameter_owner():
     model = build("lenet5", in_shape=(1, 8, 8), num_classes=10)
-    inj = _NoiseInjection(RunConfig(method="bp-noise"), model, torch.device("cpu"))
+    inj = NoiseInjection(RunConfig(method="bp-noise"), model, torch.device("cpu"))
     assert list(inj.noises) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
-    rec = _NoiseInjection(RunConfig(method="bp-noise", recommended=True, sigma=0.3), model,
+    rec = NoiseInjection(RunConfig(method="bp-noise", recommended=True, sigma=0.3), model,
                           torch.device("cpu"))
     assert all(math.isclose(n.scale, 0.05) for n in rec.noises.values())
 
@@ -43,10 +42,10 @@ def test_bp_noise_sites_default_to_every_parameter_owner():
 def test_bp_noise_refuses_weight_noise_and_unknown_sites():
     model = build("resnet5", in_shape=(3, 16, 16), num_classes=10)
     with pytest.raises(ValueError, match="weight noise"):
-        _NoiseInjection(RunConfig(method="bp-noise", recommended=True), model,
+        NoiseInjection(RunConfig(method="bp-noise", recommended=True), model,
                         torch.device("cpu"))
     with pytest.raises(ValueError, match="match no module"):
-        _NoiseInjection(RunConfig(method="bp-noise", sites=["nope"]),
+        NoiseInjection(RunConfig(method="bp-noise", sites=["nope"]),
                         build("mlp", in_shape=(64,), num_classes=10), torch.device("cpu"))
 
 

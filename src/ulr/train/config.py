@@ -28,7 +28,7 @@ A config file is flat TOML; ``method`` may list several methods, each becoming o
     "hidden.*" = 0.2
 
 Example:
-    >>> from ulr.config import RunConfig, configs_from_values
+    >>> from ulr.train.config import RunConfig, configs_from_values
     >>> [c.method for c in configs_from_values({"method": ["ulr", "bp"], "epochs": 2})]
     ['ulr', 'bp']
 """
@@ -37,21 +37,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` backport
-    try:
-        import tomli as tomllib  # type: ignore[no-redef]
-    except ModuleNotFoundError:
-        tomllib = None  # type: ignore[assignment]
 
 __all__ = [
     "ConfigError",
@@ -66,9 +56,6 @@ __all__ = [
     "configs_from_values",
     "field_help",
     "keys",
-    "load_toml",
-    "parse_value",
-    "to_toml",
 ]
 
 #: The peer estimators of :mod:`ulr.peers` that ``method`` accepts besides ``ulr`` and ``bp``.
@@ -111,13 +98,13 @@ class ConfigError(ValueError):
 
 
 def _models() -> list[str]:
-    from .models import available
+    from ..models import available
 
     return available()
 
 
 def _datasets() -> list[str]:
-    from .data import available
+    from ..data import available
 
     return available()
 
@@ -394,25 +381,14 @@ class RunConfig:
                 raise ConfigError(
                     "diag_every compares the ULR gradient with backprop's gradient of the "
                     "loss, which is zero for loss 'zero-one'; set diag_every=0 (or loss 'auto')")
-        if self.method == "ulr" and self.memory == "chunked" and self.chunk_size is None:
-            raise ConfigError("memory='chunked' needs chunk_size (copies per chunk)")
-        if self.method == "ulr" and self.workers and self.memory == "replay":
-            raise ConfigError("workers > 0 needs memory 'store' or 'chunked' (replay turns each "
-                              "site into gradients inside the forward pass)")
         if self.method == "ulr" and self.blocks is not None and self.sites is not None:
             raise ConfigError(
                 f"blocks={self.blocks} and sites={self.sites} both choose the noise sites; "
                 f"give one of them (blocks: N equal blocks; sites: the block ends by name)")
-        if self.method == "ulr" and "sobol" in self.sampler and self.baseline == "leave-one-out":
-            raise ConfigError(
-                f"sampler={self.sampler!r} with baseline='leave-one-out': the QMC copies of an "
-                f"example depend on each other, so leave-one-out would be biased; use "
-                f"baseline='clean' or 'running-average', or sampler='iid'/'antithetic'")
-        if self.method == "ulr" and "antithetic" in self.sampler and self.num_copies % 2:
-            raise ConfigError(
-                f"num_copies={self.num_copies} with the antithetic sampler: antithetic pairs "
-                f"need an even count; use num_copies={self.num_copies + 1} or sampler='iid'"
-            )
+        if self.method == "ulr":
+            from .recipes import check_estimator
+
+            check_estimator(self)
 
     @property
     def resolved_lr(self) -> float:
@@ -558,7 +534,7 @@ def _peer_arguments(method: str) -> list[str]:
     """The keyword arguments ``method_args`` may set for the peer ``method``."""
     import inspect
 
-    from . import peers
+    from .. import peers
 
     cls = peers._REGISTRY[method]
     return [p for p in inspect.signature(cls).parameters
@@ -675,86 +651,3 @@ def configs_from_values(values: Mapping[str, Any], source: str = "config") -> li
         return [RunConfig(**values, method=m, method_args=own(m)) for m in methods]
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-
-
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read and validate a TOML config file.
-
-    Args:
-        path: the file.
-
-    Returns:
-        Its values, checked by :func:`check_values` (``method`` may be a list).
-
-    Raises:
-        ConfigError: a missing file, a TOML syntax error, an unknown key or a bad value.
-    """
-    path = Path(path)
-    if tomllib is None:
-        raise ConfigError(
-            "reading TOML on Python 3.10 needs the tomli package: "
-            "pip install -c constraints/cpu.txt 'ulr[train]' (or pip install tomli)"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
-    try:
-        values = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    for key, value in values.items():
-        if isinstance(value, dict) and _key(key) not in TABLES:
-            raise ConfigError(
-                f"{path}: unexpected table [{key}]; config files are flat apart from "
-                f"{', '.join(f'[{t}]' for t in TABLES)}; valid keys: {', '.join(_FIELDS)}"
-            )
-    return check_values(values, str(path))
-
-
-def parse_value(text: str) -> Any:
-    """Parse a command-line value as TOML (``3``, ``[256, 128]``, ``"tanh"``); bare words are
-    strings (``tanh``)."""
-    if tomllib is not None:
-        try:
-            return tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            pass
-    return text
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        items = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{" + ", ".join(items) + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _toml_key(key: str) -> str:
-    """A bare TOML key where it may be one, else quoted (``"hidden.*"``: a dot would nest)."""
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
-
-
-def to_toml(config: RunConfig, header: str = "") -> str:
-    """The config as a TOML file that :func:`load_toml` reads back to the same config.
-
-    Unset (``None``) fields are written as comments.
-    """
-    lines = [f"# {line}" for line in header.splitlines()]
-    values = config.to_dict()
-    tables = {name: values.pop(name) for name in TABLES}
-    for key, value in values.items():
-        lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
-    for name, table in tables.items():
-        lines.append("")
-        lines.append(f"[{name}]")
-        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())
-    return "\n".join(lines) + "\n"

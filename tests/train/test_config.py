@@ -2,16 +2,8 @@
 
 import pytest
 
-from ulr.config import (
-    ConfigError,
-    RunConfig,
-    check_values,
-    configs_from_values,
-    keys,
-    load_toml,
-    parse_value,
-    to_toml,
-)
+from ulr.train.config import ConfigError, RunConfig, check_values, configs_from_values, keys
+from ulr.train.config_file import load_toml, parse_value, to_toml
 
 
 def write(tmp_path, text, name="run.toml"):
