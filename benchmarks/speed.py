@@ -2,7 +2,7 @@
 
 Every number of one run is measured in the same process, in rounds that run every case in
 turn (interleaved; each warm), as the median over rounds of the ratio to that round's no-grad
-forward of K·B rows (METHOD.md §6 predicts ≈ 2 for the closed-form path: the forward
+forward of K·B rows (docs/method.md §6 predicts ≈ 2 for the closed-form path: the forward
 plus one weight-gradient product per site). Writes JSON and a markdown table.
 
     python benchmarks/speed.py                 # CPU: docs/results/speed-cpu.{json,md,png}

@@ -4,7 +4,7 @@ A site cuts the autograd graph (its value becomes ``v.detach() + z``) and its pa
 local vector-Jacobian product of their own segment with the LR signal ``g = w · score(z) / N``.
 So when sites sit only at the **ends of blocks** of several layers, backpropagation runs inside
 each block (from the block's end back to the previous block's end) and the likelihood-ratio
-signal connects the blocks (METHOD.md §4, "localized module training without compromising the
+signal connects the blocks (docs/method.md §4, "localized module training without compromising the
 global objective"):
 
 * a site after every parameterised layer: pure ULR (each layer is its own block);

@@ -1,7 +1,7 @@
 """Parallel gradient assembly for :class:`ulr.LikelihoodRatio` (``workers=N``).
 
 Once a pass's per-row losses are known, every site's gradient depends only on that site's
-record (its input or local graph and its noise) and the loss weights (METHOD.md §4: no backward
+record (its input or local graph and its noise) and the loss weights (docs/method.md §4: no backward
 locking). With ``workers > 0`` the estimator hands each pass's records to a pool of threads:
 
 * one task per closed-form / weight-noise record (the weight product of one layer), and one

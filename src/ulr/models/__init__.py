@@ -6,7 +6,7 @@ copies), keep torch's default parameter initialisation and map ``(B, *in_shape)`
 ``(B, num_classes)`` logits.
 
 - :class:`MLP`, :class:`LeNet5`, :class:`ResNet5`, :class:`VGG8` (the last two as in the ULR
-  authors' CIFAR-10 code, METHOD.md §3).
+  authors' CIFAR-10 code, docs/method.md §3).
 - :func:`build` makes one by name from an example shape; :func:`available` lists the names.
 - Each model's ``ulr_config()`` method (also reachable as :func:`recommended_config`) returns its
   recommended per-layer output-noise ``sigma`` and layer-wise ``num_copies``, keyed by qualified

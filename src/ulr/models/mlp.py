@@ -9,8 +9,9 @@ from torch import nn
 
 from ._common import Activation, ULRConfig, as_widths, check_positive, make_activation
 
-# Starting points, not tuned: sigma in METHOD.md's 1e-2..0.1 output-noise range, and copy counts
-# at the low end of the authors' 50-800 (hidden layers, with more noise dimensions, get more).
+# Starting points, not tuned: sigma in docs/method.md's 1e-2..0.1 output-noise range, and copy
+# counts at the low end of the authors' 50-800 (hidden layers, with more noise dimensions, get
+# more).
 _SIGMA = 0.1
 _HIDDEN_COPIES = 64
 _OUTPUT_COPIES = 32

@@ -7,7 +7,7 @@ from torch import nn
 
 from ._common import Activation, ULRConfig, check_input_size, check_positive, make_activation
 
-# METHOD.md §3 (authors' CIFAR-10 code): weight noise 1e-3 on conv1-2, output noise 0.1 after,
+# docs/method.md §3 (authors' CIFAR-10 code): weight noise 1e-3 on conv1-2, output noise 0.1 after,
 # copies [100, 200, 200, 100, 50].
 _SIGMA = 0.1
 _WEIGHT_SIGMA = 1e-3
@@ -16,7 +16,7 @@ _COPIES = {"conv1": 100, "conv2": 200, "conv3": 200, "conv4": 100, "fc": 50}
 
 
 class ResNet5(nn.Module):
-    """Five-layer residual CNN (METHOD.md §3).
+    """Five-layer residual CNN (docs/method.md §3).
 
     Layers: conv3x3 ``in_channels -> 8``, act, conv3x3 ``8 -> 16``, act, maxpool2,
     conv3x3 ``16 -> 32``, act (= ``h``), conv3x3 ``32 -> 32``, add ``h``, act, maxpool4, flatten,
@@ -74,7 +74,7 @@ class ResNet5(nn.Module):
         return self.fc(self.flatten(self.pool2(x)))
 
     def ulr_config(self) -> ULRConfig:
-        """Recommended ULR configuration, from the authors' CIFAR-10 code (METHOD.md §3).
+        """Recommended ULR configuration, from the authors' CIFAR-10 code (docs/method.md §3).
 
         Returns:
             per-example *weight* noise 1e-3 on ``conv1`` and ``conv2`` (large maps, few

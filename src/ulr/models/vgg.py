@@ -7,7 +7,7 @@ from torch import nn
 
 from ._common import Activation, ULRConfig, check_input_size, check_positive, make_activation
 
-# METHOD.md §3 (authors' CIFAR-10 code): weight noise 1e-3 on conv1-4, output noise 1e-2
+# docs/method.md §3 (authors' CIFAR-10 code): weight noise 1e-3 on conv1-4, output noise 1e-2
 # after, copies [100, 200, 400, 800, 400, 200, 100, 50] in layer order.
 _SIGMA = 1e-2
 _WEIGHT_SIGMA = 1e-3
@@ -25,7 +25,7 @@ _COPIES = {
 
 
 class VGG8(nn.Module):
-    """Eight-layer VGG-style CNN (METHOD.md §3).
+    """Eight-layer VGG-style CNN (docs/method.md §3).
 
     Layers (every conv 3x3 with padding 1, followed by its activation):
     conv 16, conv 16, maxpool2, conv 32, conv 32, maxpool2, conv 64, conv 64, maxpool2, flatten,
@@ -89,7 +89,7 @@ class VGG8(nn.Module):
         return self.fc2(x)
 
     def ulr_config(self) -> ULRConfig:
-        """Recommended ULR configuration, from the authors' CIFAR-10 code (METHOD.md §3).
+        """Recommended ULR configuration, from the authors' CIFAR-10 code (docs/method.md §3).
 
         Returns:
             per-example *weight* noise 1e-3 on ``conv1``..``conv4``, output noise 1e-2 on
