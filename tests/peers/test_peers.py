@@ -212,3 +212,13 @@ def test_constructor_errors(mlp):
         SPSA(mlp, perturbation="uniform")
     with pytest.raises(ValueError, match="num_tangents"):
         ForwardGradient(mlp, num_tangents=1.5)
+
+
+def test_arguments_lists_what_build_accepts():
+    from ulr import peers
+
+    assert peers.arguments("es")[:2] == ["sigma", "population"]
+    for name in peers.available():
+        assert "generator" in peers.arguments(name) and "model" not in peers.arguments(name)
+    with pytest.raises(ValueError, match="unknown peer estimator 'nope'"):
+        peers.arguments("nope")

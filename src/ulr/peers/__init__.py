@@ -54,6 +54,7 @@ __all__ = [
     "ForwardGradient",
     "GradientEstimator",
     "SPSA",
+    "arguments",
     "available",
     "build",
     "centered_ranks",
@@ -76,6 +77,24 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _class(name: str) -> type:
+    key = str(name).lower().replace("_", "-")
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown peer estimator {name!r}; available: {available()} "
+                         f"(the likelihood-ratio estimator itself is ulr.LikelihoodRatio)")
+    return _REGISTRY[key]
+
+
+def arguments(name: str) -> list[str]:
+    """The keyword arguments the peer estimator ``name`` takes (besides ``model``), in its
+    signature's order, e.g. ``["sigma", "population", ...]`` for ``"es"``.
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists the names).
+    """
+    return [p for p in inspect.signature(_class(name)).parameters if p != "model"]
+
+
 def build(name: str, model: nn.Module, **kwargs: Any) -> GradientEstimator:
     """Build the peer estimator ``name`` for ``model``.
 
@@ -91,14 +110,10 @@ def build(name: str, model: nn.Module, **kwargs: Any) -> GradientEstimator:
         ValueError: unknown ``name`` (the message lists the names).
         TypeError: a keyword the estimator does not take (the message lists those it takes).
     """
-    key = str(name).lower().replace("_", "-")
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown peer estimator {name!r}; available: {available()} "
-                         f"(the likelihood-ratio estimator itself is ulr.LikelihoodRatio)")
-    cls = _REGISTRY[key]
-    accepted = [p for p in inspect.signature(cls).parameters if p != "model"]
+    cls, accepted = _class(name), arguments(name)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
+        key = str(name).lower().replace("_", "-")
         raise TypeError(f"{cls.__name__} ({key!r}) takes no argument {unknown}; it takes "
                         f"{accepted}")
     return cls(model, **kwargs)

@@ -532,13 +532,10 @@ def _check_site_sigma(value: dict[str, Any], where: str) -> dict[str, float]:
 
 def _peer_arguments(method: str) -> list[str]:
     """The keyword arguments ``method_args`` may set for the peer ``method``."""
-    import inspect
 
     from .. import peers
 
-    cls = peers._REGISTRY[method]
-    return [p for p in inspect.signature(cls).parameters
-            if p not in ("model", "generator", "exclude")]
+    return [p for p in peers.arguments(method) if p not in ("generator", "exclude")]
 
 
 def _check_method_args(value: dict[str, Any], where: str, table: bool = False
