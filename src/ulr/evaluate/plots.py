@@ -64,6 +64,15 @@ def _subject(runs: Sequence[Run]) -> str:
     return f"{', '.join(models) or '?'} on {', '.join(data) or '?'}"
 
 
+def _finish(fig: Any, ax: Any, path: Path, *, log: bool) -> Path:
+    """Log scale (losses), grid and legend, then write ``fig`` to ``path``."""
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    return _save(fig, path)
+
+
 def _legend(ax: Any) -> None:
     """The legend beside the axes, never over a curve."""
     if ax.get_legend_handles_labels()[0]:
@@ -103,11 +112,7 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path, suffix: str = "") -> lis
                         label=f"{run.label} {split}")
     ax.set(xlabel="epoch", ylabel=ylabel, title=f"{subject}: {ylabel.split(' ')[0]} per epoch "
            f"(solid: test, dotted: validation)")
-    if regression:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    written.append(_save(fig, out / f"accuracy_vs_epoch{suffix}.png"))
+    written.append(_finish(fig, ax, out / f"accuracy_vs_epoch{suffix}.png", log=regression))
 
     fig = figure()
     ax = fig.add_subplot()
@@ -118,11 +123,7 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path, suffix: str = "") -> lis
             ax.plot(xs, ys, "-", color=c, marker="." if len(xs) < 40 else None, label=run.label)
     ax.set(xlabel="wall time (s)", ylabel=f"test {ylabel}",
            title=f"{subject}: test {ylabel.split(' ')[0]} against wall-clock time")
-    if regression:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    written.append(_save(fig, out / f"accuracy_vs_time{suffix}.png"))
+    written.append(_finish(fig, ax, out / f"accuracy_vs_time{suffix}.png", log=regression))
 
     fig = figure()
     ax = fig.add_subplot()
@@ -132,10 +133,7 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path, suffix: str = "") -> lis
             ax.plot(xs, ys, "-", color=c, label=run.label)
     ax.set(xlabel="epoch", ylabel="training loss",
            title=f"{subject}: mean training loss per epoch (ULR: noisy rows)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    written.append(_save(fig, out / f"loss_vs_epoch{suffix}.png"))
+    written.append(_finish(fig, ax, out / f"loss_vs_epoch{suffix}.png", log=True))
 
     with_diag = [r for r in runs if r.diags]
     if with_diag:
