@@ -530,7 +530,10 @@ def _check(name: str, value: Any, source: str) -> Any:
         if norm not in valid:
             close = difflib.get_close_matches(norm, valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: unknown value {value!r}{hint}; valid: {', '.join(valid)}")
+            own = (" (or your own: MODULE:CALLABLE, path/to/file.py:CALLABLE)"
+                   if name in ("model", "data") else "")
+            raise ConfigError(f"{where}: unknown value {value!r}{hint}; valid: "
+                              f"{', '.join(valid)}{own}")
         value = norm
     if meta["check"] is not None and not meta["check"](value):
         raise ConfigError(f"{where} must be {meta['rule']}, got {value!r}")
