@@ -38,7 +38,8 @@ def _net():
 def _data():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(96, 4, generator=g)
-    return {"train": (x, torch.randint(0, 3, (96,), generator=g)), "test": (x[:30], x[:30, 0].gt(0).long())}
+    return {"train": (x, torch.randint(0, 3, (96,), generator=g)),
+            "test": (x[:30], x[:30, 0].gt(0).long())}
 
 
 def test_fit_and_load_run_are_lazy_attributes():
