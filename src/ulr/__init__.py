@@ -16,14 +16,19 @@ from .sites import copy_layout, perturb
 __version__ = "0.2.0"
 
 _LAZY = ("data", "models", "train", "peers", "evaluate", "distributed", "finetune")
+#: Functions of the training product, loaded on first use: ulr.fit(model, data, ...) and
+#: ulr.load_run(run_dir) (see ulr.train.api).
+_LAZY_FUNCTIONS = {"fit": "train.api", "load_run": "train.api"}
 
 
 def __getattr__(name: str):
     # Subpackages with optional dependencies load on first use: `import ulr` stays light.
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _LAZY_FUNCTIONS:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY_FUNCTIONS[name]}"), name)
     raise AttributeError(f"module 'ulr' has no attribute {name!r}")
 
 __all__ = [
@@ -50,4 +55,6 @@ __all__ = [
     "sites",
     "transforms",
     "__version__",
+    "fit",
+    "load_run",
 ]

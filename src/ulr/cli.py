@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .allocator import tune_allocator_for_cli
@@ -24,6 +24,42 @@ from .train.runs import DEFAULT_METHODS
 
 __all__ = ["build_parser", "main"]
 
+
+
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags (``--epoch`` is a typo, not ``--epochs``: a new flag could make an
+    abbreviation ambiguous), and a did-you-mean for unknown flags and sub-commands."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.command_parsers: dict[str, argparse.ArgumentParser] = {}
+        self.command: str | None = None
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        self.command = next((a for a in argv if a in self.command_parsers), None)
+        return super().parse_known_args(argv, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        import difflib
+        import re
+
+        parser = self.command_parsers.get(self.command or "", self)
+        flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        hints = []
+        for bad in re.findall(r"(--[\w-]+)", message.partition("arguments:")[2]):
+            close = difflib.get_close_matches(bad, flags, n=1, cutoff=0.6)
+            if close:
+                hints.append(close[0] if len(hints) == 0 else f"{close[0]} for {bad}")
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            valid = re.findall(r"'([^']*)'", choice.group(2))
+            hints += difflib.get_close_matches(choice.group(1), valid, n=1)
+        if hints:
+            message += f" (did you mean {', '.join(hints)}?)"
+        parser.print_usage(sys.stderr)
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -77,6 +113,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
             kw.update(action="append", metavar=meta["metavar"])
         elif name == "sites":
             kw.update(nargs="+", metavar="NAME")
+        elif name in ("model", "data"):  # a registry name or the user's MODULE:CALLABLE
+            kw.update(metavar=meta["metavar"])
         elif meta["type"] is bool:
             kw.update(action=argparse.BooleanOptionalAction)
         elif meta["choices"] is not None:
@@ -151,7 +189,7 @@ ulr compare. A comparison directory stands for all the runs in it.
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``ulr`` command (sub-commands train, compare, plot)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ulr", formatter_class=_Formatter,
         description="Train networks without backpropagation by the likelihood-ratio method.",
         epilog="Run 'ulr train' for the demo, 'ulr COMMAND --help' for the options.")
@@ -200,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="accuracy of trained runs under FGSM/PGD attacks and natural "
                                  "corruptions (ulr robust --help)")
     robust.add_argument("args", nargs=argparse.REMAINDER)
+    parser.command_parsers = {"train": train, "compare": compare, "plot": plot}
     return parser
 
 

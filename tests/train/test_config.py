@@ -197,3 +197,15 @@ def test_site_sigma_table_round_trip(tmp_path):
     assert '"hidden.*" = 0.5' in text and "out = 2.0" in text  # a dot in a key would nest
     [again] = configs_from_values(load_toml(write(tmp_path, text)))
     assert again == config and list(again.site_sigma) == ["hidden.*", "out"]
+
+
+def test_warmup_refuses_the_per_epoch_schedules_and_old_configs_stay_valid():
+    import pytest
+
+    from ulr.train import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="per optimizer step.*cosine-steps"):
+        RunConfig(schedule="step", warmup_steps=10)
+    old = RunConfig(schedule="cosine").to_dict()
+    del old["warmup_steps"], old["tensorboard"]  # a config.json written before these keys
+    assert RunConfig.from_dict(old).warmup_steps == 0

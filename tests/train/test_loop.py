@@ -371,3 +371,49 @@ def test_metrics_csv_follows_the_epochs_through_a_resume(tmp_path):
     epochs = rows(run, ("epoch",))
     assert [int(r["epoch"]) for r in table] == [1, 2] == [r["epoch"] for r in epochs]
     assert [float(r["test_acc"]) for r in table] == [r["test_acc"] for r in epochs]
+
+
+def test_warmup_with_cosine_steps_resumes_bit_exactly(tmp_path):
+    import torch
+
+    from ulr.train import RunConfig, fit
+
+    config = RunConfig(method="ulr", epochs=2, num_copies=4, schedule="cosine-steps",
+                       warmup_steps=20, threads=1)
+    fit(config, tmp_path / "a")
+    fit(config.replace(max_steps=30), tmp_path / "b")  # stops inside epoch 1
+    fit(config, tmp_path / "b", resume=True)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["scheduler"] == b["scheduler"]
+
+
+def test_tensorboard_scalars_beside_metrics(tmp_path, monkeypatch):
+    import builtins
+
+    import pytest
+
+    from ulr.train import RunConfig, fit
+
+    pytest.importorskip("tensorboard", reason="tensorboard not installed (ulr[integrations])")
+    config = RunConfig(method="bp", epochs=1, max_steps=3, tensorboard=True)
+    fit(config, tmp_path / "tb")
+    events = list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    assert {"step/loss", "step/lr", "epoch/val_acc"} <= set(acc.Tags()["scalars"])
+    real = builtins.__import__
+
+    def no_tensorboard(name, *args, **kw):
+        if name == "tensorboard" or name.startswith("tensorboard."):
+            raise ImportError(name)
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        fit(config, tmp_path / "none")
+    assert not (tmp_path / "none").exists()  # refused before anything was written

@@ -93,3 +93,31 @@ def test_config_checks_leave_the_global_rng_alone():
     state = torch.get_rng_state()
     tiny(sampler="antithetic-sobol", baseline="clean", memory="chunked", chunk_size=2)
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_per_step_schedules_warm_up_and_decay_every_step():
+    import math
+
+    import torch
+
+    from ulr.train import RunConfig
+    from ulr.train.recipes import per_step, scheduler
+
+    def lrs(**kw):
+        config = RunConfig(lr=1.0, epochs=2, **kw)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, out = scheduler(config, opt, steps_per_epoch=5), []
+        for _ in range(10):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out, per_step(config)
+
+    warm, every = lrs(warmup_steps=4)
+    assert every and warm[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cos, _ = lrs(schedule="cosine-steps", warmup_steps=2)
+    assert cos[:3] == [0.5, 1.0, 1.0] and cos[2] > cos[5] > cos[9] > 0
+    assert math.isclose(cos[6], 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    lin, _ = lrs(schedule="linear-steps")
+    assert [round(v, 3) for v in lin[:3]] == [1.0, 0.9, 0.8]
+    assert not per_step(RunConfig(schedule="cosine"))  # the per-epoch schedules stay as they were

@@ -59,8 +59,12 @@ def _series(rows: list[dict[str, Any]], x: str, y: str, scale: float) -> tuple[l
 
 def _subject(runs: Sequence[Run]) -> str:
     """"mlp on digits" (or "mlp, lenet5 on digits") for the plot titles."""
-    models = list(dict.fromkeys(r.config.get("model") for r in runs if r.config.get("model")))
-    data = list(dict.fromkeys(r.config.get("data") for r in runs if r.config.get("data")))
+    from ..train.custom import display_name
+
+    models = list(dict.fromkeys(display_name(r.config["model"]) for r in runs
+                                if r.config.get("model")))
+    data = list(dict.fromkeys(display_name(r.config["data"]) for r in runs
+                              if r.config.get("data")))
     return f"{', '.join(models) or '?'} on {', '.join(data) or '?'}"
 
 

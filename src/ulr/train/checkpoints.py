@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import RunConfig
+from .config import STEP_SCHEDULES, RunConfig
 from .rundir import CHECKPOINT, CheckpointError
 
 __all__ = ["RESUMABLE", "load", "restore", "state"]
@@ -26,13 +26,14 @@ FORMAT_VERSION = 1
 
 #: Config fields that ``--resume`` may change; any other change makes a different run.
 RESUMABLE = ("epochs", "max_steps", "threads", "diag_every", "eval_batch_size", "workers",
-             "log_every", "checkpoint_every", "early_stop")
+             "log_every", "checkpoint_every", "early_stop", "tensorboard")
 
 
 def state(config: RunConfig, model: nn.Module, **parts: Any) -> dict[str, Any]:
     """A checkpoint: the format, the config, the model's weights and ``parts`` (for
     ``checkpoint.pt``: optimizer, scheduler, estimator, noise_injection, data_generator,
-    global_rng, cuda_rng, progress; for ``best.pt``: kind and best)."""
+    global_rng, cuda_rng, progress; for ``best.pt``: kind and best; for both: model_source,
+    how to rebuild the model without its data, see :func:`ulr.train.recipes.model_record`)."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION, **parts.pop("head", {}),
             "config": config.to_dict(), "model": model.state_dict(), **parts}
 
@@ -79,9 +80,10 @@ def load(run_dir: Path, config: RunConfig) -> dict[str, Any]:
             f"({'; '.join(diff)}). Only {', '.join(RESUMABLE)} may change on resume; nothing "
             f"was changed. Start a new run with another --out for a different config"
         )
-    if config.schedule == "cosine" and config.epochs != saved.epochs:
+    if config.schedule in ("cosine", *STEP_SCHEDULES) and config.epochs != saved.epochs:
         raise CheckpointError(
-            f"cannot resume {run_dir} with epochs={config.epochs}: its cosine schedule anneals "
+            f"cannot resume {run_dir} with epochs={config.epochs}: its {config.schedule} "
+            f"schedule anneals "
             f"over epochs={saved.epochs}, so changing it would change the schedule of the epochs "
             f"already trained; nothing was changed. Start a new run"
         )

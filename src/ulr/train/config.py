@@ -85,6 +85,10 @@ def check_options_used(keys: Iterable[str], methods: Sequence[str], source: str)
             f"{'s' if len(methods) == 1 else ''} {'it' if len(unused) == 1 else 'them'}; drop "
             f"{'it' if len(unused) == 1 else 'them'}, add the ulr method, or set a peer's own "
             f"settings with --method-arg (e.g. es.population=64)")
+#: Learning-rate schedules: stepped per epoch, and per optimizer step.
+EPOCH_SCHEDULES = ("step", "cosine")
+STEP_SCHEDULES = ("cosine-steps", "linear-steps")
+SCHEDULES = ("none", *EPOCH_SCHEDULES, *STEP_SCHEDULES)
 #: The fields that are tables (``[model_args]`` in a file, one ``KEY=VALUE`` per flag).
 TABLES = ("model_args", "method_args", "site_sigma")
 #: Learning rate of each method when ``lr`` is not set: the verified digits/MLP setting for ulr
@@ -151,8 +155,11 @@ class RunConfig:
     # -- model and data -------------------------------------------------------------------------
     model: str = field(default="mlp", metadata=_meta(
         "model and data",
-        "Network from the ulr.models registry. mlp is 64-128-10 on digits; the CNNs need "
-        "square image data.", choices=_models))
+        "Network from the ulr.models registry (mlp is 64-128-10 on digits; the CNNs need "
+        "square image data), or your own: MODULE:CALLABLE or path/to/file.py:CALLABLE, called "
+        "with the --model-arg values and, if it names them, in_shape and num_outputs; it "
+        "returns an nn.Module (docs/own-models.md).", choices=_models,
+        metavar="NAME|MODULE:CALLABLE"))
     model_args: dict[str, Any] = field(default_factory=dict, metadata=_meta(
         "model and data",
         "Extra keyword argument of the model constructor, as KEY=VALUE with a TOML value, e.g. "
@@ -161,7 +168,10 @@ class RunConfig:
     data: str = field(default="digits", metadata=_meta(
         "model and data",
         "Dataset from the ulr.data registry. digits is embedded (no download); adding is a "
-        "regression task (MSE loss, reported as loss instead of accuracy).", choices=_datasets))
+        "regression task (MSE loss, reported as loss instead of accuracy). Or your own: "
+        "MODULE:CALLABLE or path/to/file.py:CALLABLE returning a ulr.data.Dataset or "
+        "{'train': (x, y), 'val': ..., 'test': ..., 'task': ...} (docs/own-models.md).",
+        choices=_datasets, metavar="NAME|MODULE:CALLABLE"))
     data_dir: str | None = field(default=None, metadata=_meta(
         "model and data",
         "Directory of file-based datasets (fashion-mnist).", metavar="DIR",
@@ -292,9 +302,15 @@ class RunConfig:
         check=_at_least(0), rule=">= 0"))
     schedule: str = field(default="none", metadata=_meta(
         "optimisation",
-        "Learning-rate schedule, stepped once per epoch: step multiplies by --gamma every "
-        "--step-size epochs; cosine anneals to 0 over --epochs.",
-        choices=("none", "step", "cosine")))
+        "Learning-rate schedule. Per epoch: step multiplies by --gamma every --step-size "
+        "epochs; cosine anneals to 0 over --epochs. Per optimizer step: cosine-steps and "
+        "linear-steps decay to 0 over the run's steps (epochs x steps per epoch), after "
+        "--warmup-steps.", choices=SCHEDULES))
+    warmup_steps: int = field(default=0, metadata=_meta(
+        "optimisation",
+        "Raise the learning rate linearly from 0 to --lr over the first N optimizer steps "
+        "(with --schedule none, cosine-steps or linear-steps).", check=_at_least(0),
+        rule=">= 0", metavar="N", default_text="0, off"))
     step_size: int = field(default=10, metadata=_meta(
         "optimisation", "Epochs between decays of the step schedule.",
         check=_at_least(1), rule=">= 1"))
@@ -356,6 +372,10 @@ class RunConfig:
         "Also checkpoint inside an epoch every N steps (Ctrl-C, SIGTERM or a crash then lose "
         "at most N steps; --resume continues bit-exactly); 0: at epoch ends only.",
         check=_at_least(0), rule=">= 0", default_text="every 10 minutes of training"))
+    tensorboard: bool = field(default=False, metadata=_meta(
+        "run",
+        "Also write the step and epoch scalars as TensorBoard events to RUN_DIR/tensorboard "
+        "(needs the tensorboard package: pip install 'ulr[integrations]')."))
     diag_every: int = field(default=0, metadata=_meta(
         "run",
         "Every N steps, log the per-layer cosine and norm ratio of the ULR gradient against "
@@ -381,6 +401,11 @@ class RunConfig:
                 raise ConfigError(
                     "diag_every compares the ULR gradient with backprop's gradient of the "
                     "loss, which is zero for loss 'zero-one'; set diag_every=0 (or loss 'auto')")
+        if self.warmup_steps and self.schedule in EPOCH_SCHEDULES:
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps} works per optimizer step, schedule "
+                f"{self.schedule!r} per epoch; use schedule 'cosine-steps', 'linear-steps' or "
+                f"'none' with a warmup")
         if self.method == "ulr" and self.blocks is not None and self.sites is not None:
             raise ConfigError(
                 f"blocks={self.blocks} and sites={self.sites} both choose the noise sites; "
@@ -426,7 +451,7 @@ _TYPES = {
     "step_size": int, "gamma": float, "grad_clip": float, "batch_size": int, "epochs": int,
     "max_steps": int, "seed": int, "device": str, "threads": int, "eval_batch_size": int,
     "log_every": int, "checkpoint_every": int, "early_stop": int,
-    "diag_every": int, "exchange": str,
+    "diag_every": int, "exchange": str, "warmup_steps": int, "tensorboard": bool,
 }
 assert set(_TYPES) == set(_FIELDS), "every RunConfig field needs a type in _TYPES"
 _OPTIONAL = {n for n, f in _FIELDS.items() if f.default is None}
@@ -491,6 +516,13 @@ def _check(name: str, value: Any, source: str) -> Any:
         )
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"{where} must be finite, got {value!r}")
+    if name in ("model", "data") and ":" in value:  # the user's callable, not the registry's
+        from .custom import normalise_spec
+
+        try:
+            return normalise_spec(value, name)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
     choices = meta["choices"]
     if choices is not None:
         valid = list(choices() if callable(choices) else choices)
@@ -498,7 +530,10 @@ def _check(name: str, value: Any, source: str) -> Any:
         if norm not in valid:
             close = difflib.get_close_matches(norm, valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: unknown value {value!r}{hint}; valid: {', '.join(valid)}")
+            own = (" (or your own: MODULE:CALLABLE, path/to/file.py:CALLABLE)"
+                   if name in ("model", "data") else "")
+            raise ConfigError(f"{where}: unknown value {value!r}{hint}; valid: "
+                              f"{', '.join(valid)}{own}")
         value = norm
     if meta["check"] is not None and not meta["check"](value):
         raise ConfigError(f"{where} must be {meta['rule']}, got {value!r}")

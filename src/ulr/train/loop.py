@@ -55,7 +55,7 @@ from .metrics import (
     to_device,
 )
 from .progress import Callback
-from .rundir import BEST, CHECKPOINT, RunWriter, check_empty
+from .rundir import BEST, CHECKPOINT, RunWriter, check_empty, tensorboard_writer
 
 __all__ = ["TrainingInterrupted", "fit"]
 
@@ -113,6 +113,8 @@ def fit(
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
     label: str | None = None,
+    model: nn.Module | None = None,
+    dataset: data.Dataset | None = None,
 ) -> dict[str, Any]:
     """Train one run and return its summary.
 
@@ -125,6 +127,10 @@ def fit(
             stored one except for :data:`~ulr.train.RESUMABLE` fields (use :func:`resume_config`).
         callbacks: progress hooks (see :class:`Callback`, :class:`ConsoleProgress`).
         label: name of the run in callbacks and tables (default: ``config.method``).
+        model: train this module (in place) instead of building ``config.model``; its own
+            initial weights are kept.
+        dataset: train on this :class:`ulr.data.Dataset` instead of loading ``config.data``
+            (:func:`ulr.train.custom.as_dataset` makes one of other forms).
 
     Inside a ``torch.distributed`` process group of several ranks (``ulr train --nproc N``,
     ``torchrun``), every rank calls ``fit`` with the same config: ULR splits the noise copies
@@ -148,6 +154,8 @@ def fit(
     config = config.replace(device=device.type, lr=config.resolved_lr)
     label = label or config.method
     run_dir = Path(out_dir) if out_dir is not None else None
+    if config.tensorboard:  # fail before anything is written when tensorboard is missing
+        tensorboard_writer(None)
     ckpt = None
     if distributed.is_distributed():
         distributed.check_same(config.to_dict(), "the run config")
@@ -159,7 +167,8 @@ def fit(
     elif run_dir is not None:
         distributed.on_rank0(check_empty, run_dir)
 
-    ds = recipes.dataset(config.data, config.data_dir, config.seed, config.val_fraction)
+    ds = dataset if dataset is not None else recipes.dataset(
+        config.data, config.data_dir, config.seed, config.val_fraction)
     if getattr(ds, "task", None) not in _TASKS:
         raise ValueError(
             f"dataset {config.data!r} is a {type(ds).__name__} (task "
@@ -174,10 +183,12 @@ def fit(
         if config.threads:
             torch.set_num_threads(config.threads)
         with torch.random.fork_rng(devices=rng_devices):
-            model = recipes.build_model(config, ds).to(device)
+            record = recipes.model_record(config, ds)
+            model = (model if model is not None else recipes.build_model(config, ds)).to(device)
             torch.manual_seed(recipes.stream_seed(config.seed, "global"))
             trainer = _Trainer(config, ds, model, device, run_dir, ckpt, callbacks, label,
                                rng_devices)
+            trainer.record = record
             return trainer.run()
     finally:
         torch.set_num_threads(previous_threads)
@@ -200,10 +211,15 @@ class _Trainer:
         after_step = getattr(model, "after_step", None)
         self.after_step = after_step if callable(after_step) else None
         self.opt = recipes.optimizer(config, self.params)
-        self.sched = recipes.scheduler(config, self.opt)
+        self.graph = ds.task == "node-classification"
+        # A graph is one example: one full-graph step per epoch.
+        self.steps_per_epoch = (1 if self.graph
+                                else math.ceil(len(ds.train[0]) / config.batch_size))
+        self.sched = recipes.scheduler(config, self.opt, self.steps_per_epoch)
+        self.step_sched = recipes.per_step(config)
+        self.record: dict[str, Any] = {}
         self.train_split = to_device(ds.train, device)
         self.splits = {"val": to_device(ds.val, device), "test": to_device(ds.test, device)}
-        self.graph = ds.task == "node-classification"
         self.est, loss = self._estimator_and_loss()
         self.backprop = recipes.is_backprop(config)
         self.injection = (NoiseInjection(config, model, device) if config.method == "bp-noise"
@@ -213,9 +229,6 @@ class _Trainer:
         self.resumed = ckpt is not None
         if ckpt is not None:
             self._restore(ckpt)
-        # A graph is one example: one full-graph step per epoch.
-        self.steps_per_epoch = (1 if self.graph
-                                else math.ceil(len(ds.train[0]) / config.batch_size))
         self.total_steps = self.steps_per_epoch * config.epochs
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
@@ -287,6 +300,8 @@ class _Trainer:
         if self.config.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         self.opt.step()
+        if self.step_sched:
+            self.sched.step()
         if self.after_step is not None:
             self.after_step()
         self._record(epoch, xb, loss, time.perf_counter() - t0 - diag_s, passes, diag)
@@ -378,7 +393,8 @@ class _Trainer:
         best = best_epoch(self.prog.history, self.task)
         if best is None or best["epoch"] != row["epoch"]:
             return
-        state = checkpoints.state(self.config, self.model, head={"kind": "best"}, best=best)
+        state = checkpoints.state(self.config, self.model, head={"kind": "best"}, best=best,
+                                  model_source=self.record)
         self.files.save(BEST, lambda f: torch.save(state, f), mode="wb")
 
     def _checkpoint_due(self) -> bool:
@@ -404,7 +420,7 @@ class _Trainer:
             data_generator=epoch_start_state,
             global_rng=torch.get_rng_state(),
             cuda_rng=torch.cuda.get_rng_state(self.device) if self.rng_devices else None,
-            progress=vars(self.prog))
+            progress=vars(self.prog), model_source=self.record)
         self.files.save(CHECKPOINT, lambda f: torch.save(state, f), mode="wb")
 
     # -- the loop -------------------------------------------------------------------------------
@@ -438,6 +454,7 @@ class _Trainer:
         summary = _summary(config, self.task, prog, last, self.env, self.run_dir, self.label,
                            sum(p.numel() for p in self.params), self.memory.peak or None)
         summary["estimator"] = self.estimator_text()
+        summary["model_source"] = self.record
         if self.device.type == "cuda":
             summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.files.summary(summary)
@@ -480,7 +497,7 @@ class _Trainer:
             self.save_best(last)
             self.files.csv(prog.history)
             prog.loss_sum, prog.loss_count, prog.correct, prog.rows = 0.0, 0, 0, 0
-            if self.sched is not None:
+            if self.sched is not None and not self.step_sched:
                 self.sched.step()
             self.save(self.data_gen.get_state())
         if last is None:  # resumed a run whose budget was already spent

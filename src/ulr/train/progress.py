@@ -9,6 +9,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .custom import display_name
+
 __all__ = ["Callback", "ConsoleProgress", "format_table"]
 
 
@@ -138,7 +140,8 @@ class ConsoleProgress(Callback):
         threads = info["environment"]["threads"]
         self.total, self.start_step = info["total_steps"], info["start_step"]
         self.started = self.logged = time.perf_counter()
-        self._print(f"[{self.label}] {config.model} on {config.data}, {info['num_params']:,} "
+        self._print(f"[{self.label}] {display_name(config.model)} on "
+                    f"{display_name(config.data)}, {info['num_params']:,} "
                     f"parameters, {info['steps_per_epoch']} steps/epoch, device "
                     f"{info['environment']['device']}, {threads} "
                     f"thread{'s' if threads != 1 else ''}{start}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,9 +27,11 @@ from ..estimator import LikelihoodRatio
 from ..noise import Gaussian, Laplace, Logistic, Noise, weight_noise
 from ..samplers import Sampler, antithetic, iid, sobol
 from ..sites import by_name
-from .config import ConfigError, RunConfig
+from . import custom
+from .config import STEP_SCHEDULES, ConfigError, RunConfig
 
-__all__ = ["build_estimator", "build_model", "recommended_noise", "noise_for", "stream_seed"]
+__all__ = ["build_estimator", "build_model", "model_record", "recommended_noise", "noise_for",
+           "stream_seed"]
 
 _STREAMS = {"init": 1, "data": 2, "noise": 3, "global": 4}
 NOISES = {"gaussian": Gaussian, "laplace": Laplace, "logistic": Logistic}
@@ -51,8 +54,10 @@ def noise_generator(config: RunConfig, device: torch.device) -> torch.Generator:
 
 @functools.lru_cache(maxsize=1)
 def dataset(name: str, root: str | None, seed: int, val_fraction: float) -> data.Dataset:
-    """The registry dataset; cached so that the runs of one comparison share one copy
-    (datasets are never mutated)."""
+    """The registry dataset, or the user's (``module:callable``, :mod:`ulr.train.custom`);
+    cached so that the runs of one comparison share one copy (datasets are never mutated)."""
+    if custom.is_spec(name):
+        return custom.load_data(name, seed=seed, val_fraction=val_fraction, data_dir=root)
     return data.load(name, root=root, seed=seed, val_fraction=val_fraction)
 
 
@@ -73,17 +78,43 @@ def device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(config: RunConfig, ds: Any) -> nn.Module:
-    """The model of ``config`` for dataset ``ds``, with the run's initial weights (drawn on the
-    CPU from the ``init`` stream: the same for every method and device)."""
-    outputs = ds.num_classes if ds.task != "regression" else 1
+def build_model(config: RunConfig, ds: Any = None, *,
+                shape: tuple[tuple[int, ...], int] | None = None) -> nn.Module:
+    """The model of ``config`` for dataset ``ds`` (or for ``shape = (in_shape, num_outputs)``,
+    as :func:`model_record` keeps it), with the run's initial weights (drawn on the CPU from
+    the ``init`` stream: the same for every method and device). A ``module:callable`` model is
+    the user's (:mod:`ulr.train.custom`)."""
+    in_shape, outputs = shape if shape is not None else model_shape(ds)
     torch.manual_seed(stream_seed(config.seed, "init"))
     try:
-        return models.build(config.model, in_shape=ds.input_shape, num_classes=outputs,
+        if custom.is_spec(config.model):
+            return custom.build_model(config.model, config.model_args, in_shape, outputs)
+        return models.build(config.model, in_shape=in_shape, num_classes=outputs,
                             **config.model_args)
     except (TypeError, ValueError) as e:
         raise type(e)(f"cannot build model {config.model!r} for dataset {config.data!r} "
-                      f"(examples of shape {ds.input_shape}): {e}") from None
+                      f"(examples of shape {in_shape}): {e}") from None
+
+
+def model_shape(ds: Any) -> tuple[tuple[int, ...], int]:
+    """``(in_shape, num_outputs)`` of the model for dataset ``ds``."""
+    return tuple(ds.input_shape), (ds.num_classes if ds.task != "regression" else 1)
+
+
+def model_record(config: RunConfig, ds: Any) -> dict[str, Any]:
+    """How to rebuild the run's model without its data (kept in checkpoints and the summary):
+    the spec and arguments, the shapes it was called with, and for a file its path and
+    SHA-256 (so that :func:`ulr.load_run` notices a changed file)."""
+    in_shape, outputs = model_shape(ds)
+    record: dict[str, Any] = {"model": config.model, "model_args": dict(config.model_args),
+                              "in_shape": list(in_shape), "num_outputs": outputs,
+                              "cwd": os.getcwd()}
+    path = custom.file_of(config.model)
+    if path is not None and path.is_file():
+        import hashlib
+
+        record.update(file=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    return record
 
 
 def check_patterns(what: str, patterns: Iterable[str], config: RunConfig,
@@ -246,13 +277,35 @@ def optimizer(config: RunConfig, params: list[nn.Parameter]) -> torch.optim.Opti
     return torch.optim.Adam(params, lr=lr, weight_decay=wd)
 
 
-def scheduler(config: RunConfig, opt: torch.optim.Optimizer) -> Any:
-    """The learning-rate schedule named by ``config.schedule`` (``None``: constant)."""
+def scheduler(config: RunConfig, opt: torch.optim.Optimizer,
+              steps_per_epoch: int = 1) -> Any:
+    """The learning-rate schedule named by ``config.schedule`` (``None``: constant); the loop
+    steps it once per epoch, or once per optimizer step when :func:`per_step` says so."""
     if config.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, config.step_size, config.gamma)
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
-    return None
+    if not per_step(config):
+        return None
+    warm, total = config.warmup_steps, config.epochs * steps_per_epoch
+    decay = config.schedule
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if decay == "none":
+            return 1.0
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine-steps" else 1.0 - t
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def per_step(config: RunConfig) -> bool:
+    """Whether the run's schedule is stepped after every optimizer step (a per-step decay, or
+    a warmup)."""
+    return config.schedule in STEP_SCHEDULES or (config.schedule == "none"
+                                                 and config.warmup_steps > 0)
 
 
 def row_loss(task: str) -> Callable[[Tensor, Any], Tensor]:

@@ -13,6 +13,8 @@
     the epoch rows of metrics.jsonl as a table, for spreadsheets and pandas.
 ``checkpoint.pt`` / ``best.pt``
     the latest state and the best epoch's weights (see :mod:`ulr.train.checkpoints`).
+``tensorboard/``
+    with ``tensorboard = true``: the step and epoch scalars as TensorBoard events.
 ``summary.json``
     written when the run finishes: final and best metrics, time, forward rows, peak memory,
     versions and platform.
@@ -51,6 +53,12 @@ METRICS_CSV = "metrics.csv"
 GROUP_FILE = "group.json"
 COMPARISON_TXT = "comparison.txt"
 COMPARISON_JSON = "comparison.json"
+#: TensorBoard event files (``tensorboard = true``)
+TENSORBOARD = "tensorboard"
+#: the metrics.jsonl keys that go to TensorBoard, by row kind (tag: kind/key)
+_SCALARS = {"step": ("loss", "acc", "lr", "samples_per_s"),
+            "epoch": ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+                      "lr")}
 
 
 class CheckpointError(RuntimeError):
@@ -204,6 +212,21 @@ def expand_run_dirs(paths: Sequence[str | Path], *, needs: str = METRICS) -> lis
     return found
 
 
+def tensorboard_writer(path: Path | None) -> Any:
+    """A ``SummaryWriter`` writing to ``path`` (``None``: only check that one can be made).
+
+    Raises:
+        ImportError: the tensorboard package is missing (with the command that installs it).
+    """
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError("tensorboard = true (--tensorboard) needs the tensorboard package: "
+                          "pip install tensorboard (or 'ulr[integrations]')") from None
+    return SummaryWriter(str(path)) if path is not None else None
+
+
 class RunWriter:
     """The files of one run in progress; writes nothing when ``run_dir`` is ``None`` or this
     process is not the writer (rank > 0 of several processes)."""
@@ -211,6 +234,7 @@ class RunWriter:
     def __init__(self, run_dir: Path | None, writer: bool = True) -> None:
         self.run_dir = run_dir if writer else None
         self.log: Any = None
+        self.board: Any = None
 
     def open(self, config: RunConfig, stack: contextlib.ExitStack,
              resumed_at: tuple[int, int] | None) -> None:
@@ -236,15 +260,26 @@ class RunWriter:
                   f"ulr train --config {run_dir / CONFIG_TOML}")
         write_atomic(run_dir / CONFIG_TOML, lambda f: f.write(to_toml(config, header)))
         self.log = stack.enter_context(open(run_dir / METRICS, "a"))  # noqa: SIM115
+        if config.tensorboard:
+            self.board = tensorboard_writer(run_dir / TENSORBOARD)
+            stack.callback(self.board.close)
 
     def row(self, row: dict[str, Any]) -> None:
-        """Append one row to ``metrics.jsonl``."""
+        """Append one row to ``metrics.jsonl`` (and its scalars to TensorBoard)."""
         if self.log is not None:
             self.log.write(json.dumps(row) + "\n")
+        if self.board is not None and row.get("kind") in _SCALARS:
+            kind = row["kind"]
+            at = row["step"] if kind == "step" else row["epoch"]
+            for key in _SCALARS[kind]:
+                if isinstance(row.get(key), (int, float)):
+                    self.board.add_scalar(f"{kind}/{key}", row[key], at)
 
     def flush(self) -> None:
         if self.log is not None:
             self.log.flush()
+        if self.board is not None:
+            self.board.flush()
 
     def csv(self, rows: list[dict[str, Any]]) -> None:
         """``metrics.csv``: one line per finished epoch (the epoch rows of metrics.jsonl),

@@ -19,6 +19,7 @@ from typing import Any
 from .. import distributed
 from .config import TABLES, ConfigError, RunConfig, check_options_used, configs_from_values
 from .config_file import load_toml
+from .custom import display_name
 from .loop import TrainingInterrupted, fit
 from .progress import ConsoleProgress, format_table
 from .rundir import (
@@ -226,7 +227,8 @@ def train(flags: dict[str, Any], *, config_file: str | None, out: str | None,
 
     def plan() -> tuple[list[_Planned], Path | None]:
         path = Path(out) if out else new_dir(
-            [first.model, first.data, *methods, f"seed{first.seed}"])
+            [display_name(first.model), display_name(first.data), *methods,
+             f"seed{first.seed}"])
         if len(configs) == 1:
             _check_fresh(path)
             return [_Planned(first.method, first, path)], None
@@ -261,7 +263,8 @@ def compare(flags: dict[str, Any], *, config_files: Sequence[str], out: str | No
     if len(same) > 1:
         print(f"note: the runs differ in (model, data, seed): {sorted(same)}", file=sys.stderr)
     first = configs[0]
-    parts = (["compare", first.model, first.data, f"seed{first.seed}"] if len(same) == 1
+    parts = (["compare", display_name(first.model), display_name(first.data),
+              f"seed{first.seed}"] if len(same) == 1
              else ["compare"])
     path = Path(out) if out else new_dir(parts)
     planned = _plan_group(path, labels, configs, "compare")

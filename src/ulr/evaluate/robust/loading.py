@@ -58,7 +58,11 @@ _DATA_CACHE: dict[tuple, Any] = {}
 
 def _dataset(name: str, root: str | None, seed: int, val_fraction: float) -> Any:
     from ... import data
+    from ...train import recipes
+    from ...train.custom import is_spec
 
+    if is_spec(name):  # the user's data callable (ulr train --data MODULE:CALLABLE)
+        return recipes.dataset(name, root, seed, val_fraction)
     key = (name, root, seed, val_fraction)
     if key not in _DATA_CACHE:
         _DATA_CACHE.clear()  # one dataset at a time (Fashion-MNIST is 200 MB)
