@@ -22,13 +22,13 @@ from .train.config import METHODS, TABLES, ConfigError, check_values, field_help
 from .train.config_file import parse_value
 from .train.runs import DEFAULT_METHODS
 
-__all__ = ["build_parser", "main"]
+__all__ = ["Parser", "build_parser", "main"]
 
 
-
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """No abbreviated flags (``--epoch`` is a typo, not ``--epochs``: a new flag could make an
-    abbreviation ambiguous), and a did-you-mean for unknown flags and sub-commands."""
+    abbreviation ambiguous), and a did-you-mean for unknown flags, choices and sub-commands.
+    The parser of every ``ulr`` command (``ulr bench`` and ``ulr robust`` too)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
@@ -134,7 +134,7 @@ def _add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
         "Continue the run (or the runs of a comparison) in DIR from its last checkpoint, "
         "bit-identically. Only --epochs, --max-steps, --threads, --diag-every and "
         "--eval-batch-size may differ from the stored config."))
-    group.add_argument("--quiet", action="store_true",
+    group.add_argument("-q", "--quiet", action="store_true",
                        help="Print only the final table: no progress bar, no epoch lines.")
     group.add_argument("--no-plots", dest="plots", action="store_false",
                        help="Do not draw PNG plots after a comparison (saves ~1 s).")
@@ -189,7 +189,7 @@ ulr compare. A comparison directory stands for all the runs in it.
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``ulr`` command (sub-commands train, compare, plot)."""
-    parser = _Parser(
+    parser = Parser(
         prog="ulr", formatter_class=_Formatter,
         description="Train networks without backpropagation by the likelihood-ratio method.",
         epilog="Run 'ulr train' for the demo, 'ulr COMMAND --help' for the options.")

@@ -11,6 +11,10 @@ import ulr
 from ulr.evaluate import bench
 
 
+def _available():
+    return [k for k, m in bench.METHODS.items() if m.unavailable() is None]
+
+
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
@@ -27,7 +31,8 @@ def test_report_files_and_contents(smoke_report):
     assert {"machine", "settings", "quality", "quality_summary", "tta", "tta_summary", "cost",
             "floors", "wall_s"} <= set(result)
     assert result["machine"]["torch"] == torch.__version__
-    methods = set(bench.METHODS)
+    methods = set(_available())
+    assert set(result["skipped"]) == set(bench.METHODS) - methods
     assert {r["method"] for r in result["quality"]} == methods - {"bp"}
     assert {r["method"] for r in result["tta"]} == methods
     assert {r["method"] for r in result["cost"]} == methods
@@ -48,14 +53,14 @@ def test_estimators_are_sized_to_the_row_budget(level):
     model = bench.initial_model("mlp", ds, 0)
     x, y = ds.train[0][:bench.BATCH], ds.train[1][:bench.BATCH]
     spent = {}
-    for key in bench.METHODS:
+    for key in _available():
         est = bench.build_estimator(key, model, torch.Generator().manual_seed(0), level)
         est.loss_and_grads(bench.ce, x, y)  # the first call of ulr also probes the model
         est.loss_and_grads(bench.ce, x, y)  # the steady state
         spent[key] = est.last_forward_rows / bench.BATCH
     model.zero_grad(set_to_none=True)
     assert spent["bp"] == 1
-    for key in ("ulr", "ulr-iid", "es", "spsa", "fg"):
+    for key in {"ulr", "ulr-iid", "es", "spsa", "forward-gradient", "pgpe", "snes"} & set(spent):
         assert level - 1 <= spent[key] <= level, (key, spent[key])
 
 
@@ -150,3 +155,57 @@ def test_report_can_be_rewritten_from_its_json(smoke_report, tmp_path):
         return [ln for ln in path.read_text().splitlines() if ln and not ln.startswith("![")]
 
     assert text(tmp_path / "peers-report.md") == text(smoke_report / "peers-report.md")
+
+
+def test_evotorch_peers_run_in_the_smoke_bench(tmp_path):
+    pytest.importorskip("evotorch")
+    assert bench.main(["--smoke", "--methods", "pgpe", "snes", "--no-plots", "-q",
+                       "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "peers-report.json").read_text())
+    assert result["skipped"] == {}
+    for part in ("quality", "tta", "cost"):
+        assert {r["method"] for r in result[part]} == {"pgpe", "snes"}, part
+    assert all(0 <= r["final_test_acc"] <= 1 for r in result["tta"])
+    assert "EvoTorch PGPE" in (tmp_path / "peers-report.md").read_text()
+
+
+def test_unavailable_peers_are_skipped_with_the_reason(tmp_path, monkeypatch, capsys):
+    from ulr.evaluate.bench import evotorch_peers
+
+    monkeypatch.setattr(evotorch_peers, "missing", lambda: "evotorch is not installed (test)")
+    assert bench.main(["--smoke", "--parts", "cost", "--methods", "bp", "pgpe", "--no-plots",
+                       "--out", str(tmp_path)]) == 0
+    assert "skipping pgpe: evotorch is not installed (test)" in capsys.readouterr().err
+    result = json.loads((tmp_path / "peers-report.json").read_text())
+    assert result["skipped"] == {"pgpe": "evotorch is not installed (test)"}
+    assert [r["method"] for r in result["cost"]] == ["bp"]
+    assert "`pgpe`: skipped: evotorch is not installed" in (
+        tmp_path / "peers-report.md").read_text()
+
+
+def test_forward_gradient_is_named_as_in_ulr_train_and_fg_still_accepted(tmp_path, capsys):
+    assert "fg" not in bench.METHODS and "forward-gradient" in bench.METHODS
+    assert bench.main(["--smoke", "--parts", "cost", "--methods", "fg", "--no-plots", "-q",
+                       "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "peers-report.json").read_text())
+    assert [r["method"] for r in result["cost"]] == ["forward-gradient"]
+    # a report written with the old name is rewritten with the new one
+    result["settings"]["methods"] = ["fg"]
+    result["cost"][0]["method"] = "fg"
+    result["configs"] = {"mlp/fg": "1 tangent(s)"}
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(result))
+    assert bench.main(["--from-json", str(old), "--no-plots", "-q",
+                       "--out", str(tmp_path / "re")]) == 0
+    assert "| forward-gradient |" in (tmp_path / "re" / "peers-report.md").read_text()
+
+
+def test_bench_and_robust_flags_get_a_did_you_mean(capsys):
+    from ulr import cli
+
+    for argv, hint in ((["bench", "--quik"], "--quick"), (["robust", "r", "--atacks", "x"],
+                                                          "--attacks")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+        assert f"(did you mean {hint}?)" in capsys.readouterr().err

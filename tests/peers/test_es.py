@@ -1,10 +1,11 @@
 """ulr.peers.EvolutionStrategies: unbiased with raw losses on a quadratic, the direction of
-the gradient with centered ranks."""
+the gradient with centered ranks; the vectorised population against one forward per member."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from peer_cases import flat_grad, gen, least_squares, rel_err
+from conftest import ce
+from peer_cases import RootAndTied, batch, flat_grad, gen, grads, least_squares, rel_err
 from torch import nn
 
 import ulr
@@ -58,3 +59,77 @@ def test_es_takes_any_transform_that_needs_no_clean_losses():
         EvolutionStrategies(model, shaping=ulr.baselines.clean())
     with pytest.raises(ValueError, match="leave_one_out"):  # one antithetic pair: one group
         EvolutionStrategies(model, population=2, shaping=ulr.baselines.leave_one_out())
+
+
+def _both(model, x, y, steps=2, **kw):
+    """The gradients of ``steps`` calls of ES vectorised (default) and one member per forward,
+    from the same generator, and the vectorised estimator."""
+    out, ests = [], []
+    for mpf in (None, 1):
+        est = EvolutionStrategies(model, members_per_forward=mpf, generator=gen(3), **kw)
+        got = []
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            est.loss_and_grads(ce, x, y)
+            got.append(grads(model))
+        out.append(got)
+        ests.append(est)
+    return out, ests[0]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_es_vectorised_population_gives_the_one_by_one_estimate(kind, request):
+    model = request.getfixturevalue(kind)
+    x, y = batch(kind, b=7)
+    # Centered ranks: the same weights, losses equal to rounding, so the same ranks and the
+    # same sums: bit-identical.
+    (vec, seq), est = _both(model, x, y, population=8)
+    assert est.vectorize_error is None and est.last_forward_rows == 8 * 7
+    assert all(torch.equal(a, b) for va, vb in zip(vec, seq) for a, b in zip(va, vb))
+    # Raw losses enter the estimate: equal to float rounding.
+    (vec, seq), _ = _both(model, x, y, population=6, antithetic=False, shaping=None)
+    for va, vb in zip(vec, seq):
+        for a, b in zip(va, vb):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_es_vectorised_in_chunks_and_with_tied_and_root_parameters():
+    torch.manual_seed(0)
+    model = RootAndTied()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    full, _ = _both(model, x, y, population=10)
+    for chunk in (3, 4):
+        est = EvolutionStrategies(model, population=10, members_per_forward=chunk,
+                                  generator=gen(3))
+        model.zero_grad(set_to_none=True)
+        est.loss_and_grads(ce, x, y)
+        assert all(torch.equal(a, b) for a, b in zip(grads(model), full[1][0]))
+
+
+def test_es_falls_back_where_vmap_cannot_run():
+    # Dropout draws per member from the global RNG on the hook path; vmap refuses random
+    # operations, so ES falls back (and stays there) with the same estimate.
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 4))
+    x, y = batch("mlp")
+    results = []
+    for mpf in (None, 1):
+        torch.manual_seed(5)
+        est = EvolutionStrategies(model, population=4, members_per_forward=mpf, generator=gen())
+        model.zero_grad(set_to_none=True)
+        est.loss_and_grads(ce, x, y)
+        results.append(grads(model))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    est = EvolutionStrategies(model, population=4, generator=gen())
+    est.loss_and_grads(ce, x, y)
+    assert est.vectorize_error is not None and "random" in est.vectorize_error.lower()
+    assert not est._vectorize
+    model.eval()  # no randomness: vectorised again
+    est = EvolutionStrategies(model, population=4, generator=gen())
+    est.loss_and_grads(ce, x, y)
+    assert est.vectorize_error is None
+
+
+def test_es_members_per_forward_is_checked(mlp):
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="members_per_forward"):
+            EvolutionStrategies(mlp, members_per_forward=bad)

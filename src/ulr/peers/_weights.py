@@ -135,19 +135,41 @@ class Perturber:
                 self.params[j][1].data = original
             originals.clear()
 
-    def accumulate_noise(self, seeds: list[int], coefficients: list[float]) -> list[Tensor]:
+    def accumulate_noise(self, seeds: list[int], coefficients: list[float],
+                         noise: list[Tensor] | None = None) -> list[Tensor]:
         """``Σ_i c_i ε_i`` per parameter, regenerating each ``ε_i`` from its seed (one
-        parameter's noise in memory at a time). Returns one tensor per parameter, in the
-        parameter's dtype promoted to at least float32."""
+        parameter's noise in memory at a time) unless ``noise`` holds it (per parameter,
+        ``[S, *shape]`` in the order of ``seeds``: the same numbers and sums). Returns one
+        tensor per parameter, in the parameter's dtype promoted to at least float32."""
         out = []
         for j, (_, p) in enumerate(self.params):
             dtype = torch.promote_types(p.dtype, torch.float32)
             acc = torch.zeros(p.shape, dtype=dtype, device=p.device)
-            for seed, c in zip(seeds, coefficients, strict=True):
-                if c != 0.0:
-                    acc.add_(seeded_noise(p, seed, j, self.distribution).to(dtype), alpha=c)
+            for i, (seed, c) in enumerate(zip(seeds, coefficients, strict=True)):
+                if c == 0.0:
+                    continue
+                eps = (seeded_noise(p, seed, j, self.distribution) if noise is None
+                       else noise[j][i])
+                acc.add_(eps.to(dtype), alpha=c)
             out.append(acc)
         return out
+
+    @contextmanager
+    def watching(self) -> Iterator[set[int]]:
+        """Inside the block, the indices of the parameters whose modules run their forward
+        are collected in the yielded set (nothing is perturbed: for the vectorised path, which
+        replaces the weights itself)."""
+        fired: set[int] = set()
+
+        def pre(module: nn.Module, args: tuple) -> None:
+            fired.update(self.owners[module])
+
+        handles = [module.register_forward_pre_hook(pre) for module in self.owners]
+        try:
+            yield fired
+        finally:
+            for h in handles:
+                h.remove()
 
     def unperturbed(self, fired: set[int]) -> list[str]:
         return [name for j, (name, _) in enumerate(self.params) if j not in fired]

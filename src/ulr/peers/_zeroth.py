@@ -22,6 +22,7 @@ from ..contract import (
     make_generator,
     trainable,
 )
+from ._batched import VectorizeError, batched_losses, members_per_forward, noise_of
 from ._weights import DISTRIBUTIONS, Distribution, Perturber
 
 
@@ -41,6 +42,12 @@ class WeightPerturbation:
         self._warned_batchnorm = False
         #: Forward rows (examples × perturbed evaluations) of the last call.
         self.last_forward_rows = 0
+        #: Members evaluated in one vectorised forward; ``None``: as many as fit in
+        #: :data:`~ulr.peers._batched.STACK_BYTES`; ``1``: one forward per member (hooks).
+        self.members_per_forward: int | None = 1
+        self._vectorize = True
+        #: Why the vectorised forward was given up for this model (``None`` while it works).
+        self.vectorize_error: str | None = None
 
     def _warn_batchnorm(self) -> None:
         if self._warned_batchnorm:
@@ -91,29 +98,70 @@ class WeightPerturbation:
         self._warn_batchnorm()
         perturber = Perturber(self.model, params, self.distribution)
         seeds, members = self._members(rows)
-        losses = torch.empty(len(members), dtype=torch.float64)
         with torch.no_grad():
-            for m, (seed, scale) in enumerate(members):
-                with perturber.perturbed(seed, scale) as fired:
-                    outputs = self.model(*args, **kwargs)
-                    row_losses = call_loss(loss_fn, outputs, targets, rows).detach()
-                del outputs
-                check_finite(row_losses, rows)
-                losses[m] = float(row_losses.double().mean())
-                if m == 0:
-                    missing = perturber.unperturbed(fired)
-                    if missing:
-                        raise ValueError(
-                            f"{type(self).__name__} perturbs a parameter while the module "
-                            f"holding it runs, but the modules holding {missing} never ran "
-                            f"their forward (the parameter is used elsewhere, or not at all). "
-                            f"Freeze them (requires_grad_(False)) or leave them out with "
-                            f"exclude=[...]")
+            losses, noise = self._batched(perturber, seeds, members, loss_fn, (args, kwargs),
+                                          targets, rows)
+            if losses is None:
+                losses = self._one_by_one(perturber, members, loss_fn, (args, kwargs),
+                                          targets, rows)
+                if self.vectorize_error is not None:  # vmap failed where the hooks work
+                    self._vectorize = False
             coefficients = self._coefficients(losses, seeds)
-            grads = perturber.accumulate_noise(seeds, coefficients)
+            grads = perturber.accumulate_noise(seeds, coefficients, noise)
         accumulate(params, grads)
         self.last_forward_rows = rows * len(members)
         return torch.tensor(float(losses.mean()))
+
+    def _check_fired(self, perturber: Perturber, fired: set[int]) -> None:
+        missing = perturber.unperturbed(fired)
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} perturbs a parameter while the module holding it "
+                f"runs, but the modules holding {missing} never ran their forward (the "
+                f"parameter is used elsewhere, or not at all). Freeze them "
+                f"(requires_grad_(False)) or leave them out with exclude=[...]")
+
+    def _one_by_one(self, perturber: Perturber, members: list[tuple[int, float]],
+                    loss_fn: Callable[..., Tensor], call: tuple[tuple, dict], targets: Any,
+                    rows: int) -> Tensor:
+        """The hook path: one forward of ``B`` rows per member, memory = inference."""
+        args, kwargs = call
+        losses = torch.empty(len(members), dtype=torch.float64)
+        for m, (seed, scale) in enumerate(members):
+            with perturber.perturbed(seed, scale) as fired:
+                outputs = self.model(*args, **kwargs)
+                row_losses = call_loss(loss_fn, outputs, targets, rows).detach()
+            del outputs
+            check_finite(row_losses, rows)
+            losses[m] = float(row_losses.double().mean())
+            if m == 0:
+                self._check_fired(perturber, fired)
+        return losses
+
+    def _batched(self, perturber: Perturber, seeds: list[int],
+                 members: list[tuple[int, float]], loss_fn: Callable[..., Tensor],
+                 call: tuple[tuple, dict], targets: Any,
+                 rows: int) -> tuple[Tensor | None, list[Tensor] | None]:
+        """The member losses and the seeds' noise from vectorised forwards
+        (:mod:`._batched`), or ``(None, None)`` where they do not apply: one member per
+        forward asked for or fitting, or a model that vmap cannot run (then the hook path is
+        used from here on)."""
+        chunk = self.members_per_forward
+        if chunk is None:
+            chunk = members_per_forward(perturber.params, len(seeds), len(members))
+        if chunk <= 1 or not self._vectorize:
+            return None, None
+        noise = noise_of(perturber.params, seeds, self.distribution)
+        where = {s: i for i, s in enumerate(seeds)}
+        try:
+            losses = batched_losses(self.model, perturber, noise,
+                                    [(where[s], c) for s, c in members], chunk, loss_fn, call,
+                                    targets, rows, lambda f: self._check_fired(perturber, f))
+        except VectorizeError as e:
+            self.vectorize_error = str(e)
+            return None, None
+        self.vectorize_error = None
+        return losses, noise
 
     def state_dict(self) -> dict[str, Any]:
         """The generator state (for exact resumption)."""

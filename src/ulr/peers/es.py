@@ -46,8 +46,16 @@ class EvolutionStrategies(WeightPerturbation):
     ``generator``; each parameter's noise is regenerated from it (:func:`seeded_noise`) while
     its module runs and again when ``ĝ`` is accumulated. The weights are restored bit-exactly.
 
-    Cost: ``P`` forward passes of ``B`` rows per call (``last_forward_rows = P·B``), run one
-    after another; no backward pass, no activation storage.
+    Cost: ``P`` forward evaluations of ``B`` rows per call (``last_forward_rows = P·B``); no
+    backward pass, no activation storage. By default the members run together, as many per
+    forward as fit in 256 MiB of stacked weights and noise: their weights are stacked and the
+    model runs once through ``torch.func.vmap(functional_call)`` (``ulr.peers._batched``),
+    each seed's noise drawn once and kept for the gradient. That is the same estimate (the
+    same weights; losses equal to float rounding, so with rank shaping usually bit-identical)
+    at a fraction of the cost on small models (``benchmarks/es_cost.py``). Models that vmap
+    cannot run (train-mode BatchNorm, dropout and other random operations, ``.item()``, numpy)
+    fall back to one forward per member, as does ``members_per_forward=1``, whose memory is
+    that of inference. A parameter is perturbed while its module runs on either path.
 
     Args:
         model: the network; only its trainable parameters (not excluded) are perturbed.
@@ -63,6 +71,10 @@ class EvolutionStrategies(WeightPerturbation):
         generator: the only source of randomness (seeds of the members); default: one seeded
             from a single draw of torch's global RNG.
         exclude: parameter names (wildcards allowed) left without a gradient.
+        members_per_forward: members evaluated in one vectorised forward; ``None``
+            (default): as many as fit in 256 MiB; ``1``: one forward per member, noise
+            regenerated instead of kept (memory = inference). :attr:`vectorize_error` says
+            why a model fell back to one forward per member.
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -93,6 +105,7 @@ class EvolutionStrategies(WeightPerturbation):
         shaping: Transform | None = _DEFAULT,  # type: ignore[assignment]
         generator: torch.Generator | None = None,
         exclude: Iterable[str] = (),
+        members_per_forward: int | None = None,
     ) -> None:
         self.sigma = check_positive_float("sigma", sigma)
         self.antithetic = bool(antithetic)
@@ -113,6 +126,9 @@ class EvolutionStrategies(WeightPerturbation):
             shaping.check(self.population, self._context.copy_groups)
         self.shaping = shaping
         super().__init__(model, distribution="gaussian", generator=generator, exclude=exclude)
+        if members_per_forward is not None:
+            check_positive_int("members_per_forward", members_per_forward)
+        self.members_per_forward = members_per_forward
 
     def _members(self, rows):
         if self.antithetic:

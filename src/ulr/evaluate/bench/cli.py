@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from .cost import cost
-from .harness import initial_model, load_dataset
-from .methods import METHODS, describe
+from .harness import initial_model, load_dataset, progress
+from .methods import ALIASES, METHODS, canonical, describe
 from .quality import gradient_quality, quality_floor, summarize_quality
 from .report import floors, json_default, machine, write_report
 from .settings import Settings
@@ -37,6 +37,11 @@ def run(settings: Settings, parts: Sequence[str] = PARTS, *, command: str = "",
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.write_text(json.dumps(result, default=json_default))
 
+    skipped = {k: METHODS[k].unavailable() for k in settings.methods}
+    skipped = {k: reason for k, reason in skipped.items() if reason}
+    for key, reason in skipped.items():
+        progress(f"skipping {key}: {reason}", verbose)
+    settings.methods = tuple(k for k in settings.methods if k not in skipped)
     previous = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     start = time.perf_counter()
@@ -45,6 +50,7 @@ def run(settings: Settings, parts: Sequence[str] = PARTS, *, command: str = "",
         result: dict[str, Any] = {
             "command": command, "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "machine": machine(), "settings": asdict(settings), "load_start": load_start,
+            "skipped": skipped,
         }
         probe = {}
         for model_name, data_name in {*settings.quality_models,
@@ -74,7 +80,9 @@ def run(settings: Settings, parts: Sequence[str] = PARTS, *, command: str = "",
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from ...cli import Parser
+
+    p = Parser(
         prog="ulr bench",
         description="Benchmark ULR against backprop, ES, SPSA/MeZO and forward gradient: "
                     "gradient quality, time-to-accuracy and cost, in one report "
@@ -88,8 +96,11 @@ def parser() -> argparse.ArgumentParser:
     size.add_argument("--smoke", action="store_true", help="seconds-long check (for tests)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                    help="which parts to run (default: all)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
-                   help="which methods (default: all)")
+    p.add_argument("--methods", nargs="+", type=canonical, choices=list(METHODS), default=None,
+                   metavar="METHOD", help=(
+                       f"which methods, of {', '.join(METHODS)} (default: all; pgpe and snes "
+                       f"need evotorch and are skipped with the reason without it; "
+                       f"{', '.join(f'{a} = {c}' for a, c in ALIASES.items())})"))
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -114,11 +125,24 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return s
 
 
+def _canonical_methods(result: dict[str, Any]) -> dict[str, Any]:
+    """A report written before a method was renamed (``fg``), with today's names."""
+    st = result.get("settings", {})
+    st["methods"] = [canonical(k) for k in st.get("methods", [])]
+    result["configs"] = {"/".join([*k.split("/")[:-1], canonical(k.split("/")[-1])]): v
+                         for k, v in result.get("configs", {}).items()}
+    for part in ("quality", "tta", "cost"):
+        for row in result.get(part) or []:
+            if "method" in row:
+                row["method"] = canonical(row["method"])
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     """``ulr bench`` entry point: run the benchmark and write the report; returns 0."""
     args = parser().parse_args(argv)
     if args.from_json:
-        result = json.loads(Path(args.from_json).read_text())
+        result = _canonical_methods(json.loads(Path(args.from_json).read_text()))
         # JSON turns float keys into strings and tuples into lists: summarise the raw rows again.
         if result.get("quality"):
             result["quality_summary"] = summarize_quality(result["quality"])

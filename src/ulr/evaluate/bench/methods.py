@@ -1,5 +1,6 @@
-"""The benchmarked estimators: ULR (best and plain), ES, SPSA/MeZO, forward gradient and
-backprop, each sized either for training or to spend a given number of forward rows."""
+"""The benchmarked estimators: ULR (best and plain), ES, SPSA/MeZO, forward gradient,
+backprop and, when ``evotorch`` is installed, EvoTorch's PGPE and SNES, each sized either for
+training or to spend a given number of forward rows."""
 
 from __future__ import annotations
 
@@ -32,11 +33,18 @@ class Method:
         build: ``build(model, generator, rows_per_example) -> estimator``. With
             ``rows_per_example=None`` the training configuration; otherwise the configuration
             whose forward rows per example come as close to it as the method allows.
+        missing: ``missing() -> reason`` why the method cannot run here (an optional package
+            not installed), ``None`` when it can; ``None`` for methods that always run.
     """
 
     key: str
     label: str
     build: Callable[[nn.Module, torch.Generator, int | None], Any]
+    missing: Callable[[], str | None] | None = None
+
+    def unavailable(self) -> str | None:
+        """Why this method cannot run here, or ``None``."""
+        return None if self.missing is None else self.missing()
 
 
 def _site_sigma(model: nn.Module) -> dict[str, Any]:
@@ -87,19 +95,49 @@ def _bp(model, generator, rows):
     return Backprop(model)
 
 
+def _evotorch(kind):
+    def build(model, generator, rows):
+        from .evotorch_peers import EvoTorchSearch
+
+        pop = 32 if rows is None else max(2, 2 * (rows // 2))
+        return EvoTorchSearch(model, kind, sigma=ES_SIGMA, popsize=pop, generator=generator)
+    return build
+
+
+def _evotorch_missing() -> str | None:
+    from .evotorch_peers import missing
+
+    return missing()
+
+
 METHODS: dict[str, Method] = {m.key: m for m in (
     Method("bp", "backprop (exact minibatch gradient)", _bp),
     Method("ulr", "ULR best: layer-wise plan, antithetic pairs, leave-one-out baseline", _ulr_best),
     Method("ulr-iid", "ULR plain: all sites in one pass, i.i.d. noise, no baseline", _ulr_iid),
     Method("es", f"ES: antithetic Gaussian weight noise σ={ES_SIGMA}, centered ranks", _es),
     Method("spsa", f"SPSA/MeZO: two-point Gaussian, ε={SPSA_EPS:g}", _spsa),
-    Method("fg", "forward gradient: torch.func.jvp, Gaussian tangents", _fg),
+    Method("forward-gradient", "forward gradient: torch.func.jvp, Gaussian tangents", _fg),
+    Method("pgpe", f"EvoTorch PGPE: symmetric Gaussian σ={ES_SIGMA} (adapted), centered ranks, "
+                   f"batched population (optional: pip install evotorch)", _evotorch("pgpe"),
+           _evotorch_missing),
+    Method("snes", f"EvoTorch SNES: separable Gaussian σ={ES_SIGMA} (adapted), NES utilities, "
+                   f"batched population (optional: pip install evotorch)", _evotorch("snes"),
+           _evotorch_missing),
 )}
+
+#: Other names accepted for a method (``fg``: the name before ``ulr train``'s was adopted).
+ALIASES = {"fg": "forward-gradient"}
+
+
+def canonical(key: str) -> str:
+    """``key`` with :data:`ALIASES` resolved."""
+    return ALIASES.get(key, key)
 
 
 def build_estimator(key: str, model: nn.Module, generator: torch.Generator,
                     rows_per_example: int | None = None) -> Any:
     """The benchmark's estimator ``key`` (one of :data:`METHODS`) for ``model``."""
+    key = canonical(key)
     if key not in METHODS:
         raise ValueError(f"unknown method {key!r}; choose from {list(METHODS)}")
     return METHODS[key].build(model, generator, rows_per_example)
@@ -117,5 +155,7 @@ def describe(key: str, model: nn.Module, rows_per_example: int | None = None) ->
         return f"{est.num_directions} direction(s)"
     if isinstance(est, ForwardGradient):
         return f"{est.num_tangents} tangent(s)"
+    if hasattr(est, "popsize"):
+        return f"population {est.popsize}"
     return "exact"
 

@@ -104,6 +104,10 @@ def _markdown(result: dict[str, Any], figs: dict[str, Path]) -> str:
     ]
     for key in st["methods"]:
         lines.append(f"- `{key}`: {METHODS[key].label}")
+    for key, reason in (result.get("skipped") or {}).items():
+        lines.append(f"- `{key}`: skipped: {reason}")
+    if result.get("note"):
+        lines += ["", result["note"]]
     lines.append("")
     if result.get("quality"):
         lines += _md_quality(result, figs)
@@ -258,7 +262,8 @@ def _plots(result: dict[str, Any], out: Path) -> dict[str, Path]:
     except ImportError:
         return {}
     colors = {"bp": "black", "ulr": "tab:red", "ulr-iid": "tab:orange", "es": "tab:blue",
-              "spsa": "tab:green", "fg": "tab:purple"}
+              "spsa": "tab:green", "forward-gradient": "tab:purple",
+              "pgpe": "tab:cyan", "snes": "tab:olive"}
     figs = {}
     summary = result.get("quality_summary") or []
     for model_name, _ in result["settings"]["quality_models"]:

@@ -48,7 +48,9 @@ examples:
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of ``ulr robust``."""
-    p = argparse.ArgumentParser(
+    from ...cli import Parser
+
+    p = Parser(
         prog="ulr robust", description=_DESCRIPTION, epilog=_EPILOG,
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
             prog, max_help_position=30, width=100))
@@ -91,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
                         "earlier robust.* files there are replaced)")
     p.add_argument("--no-plots", "--no-plot", dest="plot", action="store_false",
                    help="skip robust.png")
-    p.add_argument("--quiet", action="store_true", help="print only the table")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the table")
     return p
 
 
