@@ -17,7 +17,8 @@ from ulr.train import (
 
 # 1295 digits training images / 128 = 11 steps per epoch; K = 8 keeps each step tiny.
 TINY = dict(batch_size=128, num_copies=8, threads=1, device="cpu", epochs=2)
-TIMING = {"wall_time_s", "train_time_s", "samples_per_s", "peak_rss_mb"}
+TIMING = {"wall_time_s", "train_time_s", "samples_per_s", "peak_rss_mb",
+          "step_peak_mb"}
 
 
 def tiny(**changes):
@@ -417,3 +418,41 @@ def test_tensorboard_scalars_beside_metrics(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="pip install tensorboard"):
         fit(config, tmp_path / "none")
     assert not (tmp_path / "none").exists()  # refused before anything was written
+
+
+def test_step_memory_is_measured_on_a_few_steps_and_shows_the_estimators_overhead(tmp_path):
+    # Two steps after the first are profiled; their peak allocation is the summary's, and
+    # ULR's (K = 8 copies of 128 rows) is far above backprop's (one batch of activations).
+    peaks = {}
+    for method in ("ulr", "bp"):
+        summary = fit(tiny(method=method, epochs=1), tmp_path / method)
+        measured = [json.loads(line) for line in
+                    (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+        measured = [r for r in measured if "step_peak_mb" in r]
+        assert [r["step"] for r in measured] == [2, 3]
+        assert summary["step_peak_mb"] == max(r["step_peak_mb"] for r in measured) > 0
+        assert json.loads((tmp_path / method / "summary.json").read_text())[
+            "step_peak_mb"] == summary["step_peak_mb"]
+        peaks[method] = summary["step_peak_mb"]
+    assert peaks["ulr"] > 5 * peaks["bp"]
+    table = format_table([fit(tiny(max_steps=3))])
+    assert "step alloc MB" in table and "process MB" in table
+
+
+def test_step_memory_skips_diagnostic_steps_and_survives_a_resume(tmp_path):
+    summary = fit(tiny(epochs=1, diag_every=2, max_steps=6), tmp_path / "r")
+    measured = [json.loads(line)["step"] for line in
+                (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+                if "step_peak_mb" in line]
+    assert measured == [3, 5]  # steps 2, 4, 6 run diagnostics
+    resumed = fit(resume_config(tmp_path / "r", {"max_steps": 8}), tmp_path / "r",
+                  resume=True)
+    assert resumed["step_peak_mb"] >= summary["step_peak_mb"] > 0
+
+
+def test_step_memory_is_left_out_under_a_running_profiler():
+    from torch.profiler import profile
+
+    with profile():
+        summary = fit(tiny(max_steps=3))
+    assert summary["step_peak_mb"] is None and summary["steps"] == 3

@@ -14,7 +14,8 @@ from ulr.train import RunConfig, fit, resume_config
 from ulr.train.rundir import expand_run_dirs
 
 OLD = Path(__file__).parent / "fixtures" / "old-run"
-TIMING = {"wall_time_s", "train_time_s", "samples_per_s", "peak_rss_mb"}
+TIMING = {"wall_time_s", "train_time_s", "samples_per_s", "peak_rss_mb",
+          "step_peak_mb"}
 
 
 def rows(run_dir):

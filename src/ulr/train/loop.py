@@ -45,6 +45,7 @@ from .config import RunConfig
 from .metrics import (
     Counting,
     MemoryMonitor,
+    StepMemory,
     best_epoch,
     diagnose,
     environment,
@@ -98,6 +99,7 @@ class _Progress:
     forward_passes: int = 0
     wall_time_s: float = 0.0
     train_time_s: float = 0.0
+    step_peak_mb: float | None = None  # the measured steps' peak allocation (StepMemory)
     # Sums over the steps of the epoch in progress.
     loss_sum: float = 0.0
     loss_count: int = 0
@@ -141,6 +143,8 @@ def fit(
         The summary (also written to ``summary.json``): ``final`` and ``best`` metrics, steps,
         epochs_completed, wall_time_s, train_time_s, forward_rows, forward_passes, samples,
         peak_rss_mb (peak resident memory of the process during the run), peak_cuda_mb,
+        step_peak_mb (the peak allocation of a training step, measured on a few steps:
+        :class:`~ulr.train.metrics.StepMemory`),
         num_params, environment, config, run_dir, status.
 
     Raises:
@@ -242,6 +246,7 @@ class _Trainer:
                             backend=torch.distributed.get_backend())
         self.files = RunWriter(run_dir, writer=distributed.rank() == 0)
         self.memory = MemoryMonitor()
+        self.step_memory = StepMemory(device)
         self.forward_calls = 0
         self.saved_at = (self.prog.epoch, self.prog.step)
         self.saved_train_s = self.prog.train_time_s
@@ -291,33 +296,41 @@ class _Trainer:
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self, epoch: int, xb: Any, yb: Any) -> None:
-        """One optimizer step, the same for every method."""
-        t0, calls = time.perf_counter(), self.forward_calls
-        self.opt.zero_grad(set_to_none=True)
-        loss = float(self.est.loss_and_grads(self.loss_fn, xb, yb))
-        passes = self.forward_calls - calls
-        diag, diag_s = self._diagnose(xb, yb)
-        if self.config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
-        self.opt.step()
-        if self.step_sched:
-            self.sched.step()
-        if self.after_step is not None:
-            self.after_step()
-        self._record(epoch, xb, loss, time.perf_counter() - t0 - diag_s, passes, diag)
+        """One optimizer step, the same for every method. A few steps also measure their peak
+        allocation (:class:`StepMemory`)."""
+        measured = self.step_memory.due(self._diag_due())
+        with (self.step_memory.measure() if measured
+              else contextlib.nullcontext({"mb": None})) as memory:
+            t0, calls = time.perf_counter(), self.forward_calls
+            self.opt.zero_grad(set_to_none=True)
+            loss = float(self.est.loss_and_grads(self.loss_fn, xb, yb))
+            passes = self.forward_calls - calls
+            diag, diag_s = self._diagnose(xb, yb)
+            if self.config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+            self.opt.step()
+            if self.step_sched:
+                self.sched.step()
+            if self.after_step is not None:
+                self.after_step()
+            dt = time.perf_counter() - t0 - diag_s
+        self._record(epoch, xb, loss, dt, passes, diag, memory["mb"])
+
+    def _diag_due(self) -> bool:
+        every = self.config.diag_every
+        return bool(not self.backprop and every and (self.prog.step + 1) % every == 0)
 
     def _diagnose(self, xb: Any, yb: Any) -> tuple[Any, float]:
         """Every ``diag_every`` steps of an estimator other than backprop: its gradient against
         backprop's, per layer, and the seconds that took (not training time)."""
-        every = self.config.diag_every
-        if self.backprop or not every or (self.prog.step + 1) % every:
+        if not self._diag_due():
             return None, 0.0
         t = time.perf_counter()
         diag = diagnose(self.model, self.plain_loss, xb, yb, self.rng_devices)
         return diag, time.perf_counter() - t
 
     def _record(self, epoch: int, xb: Any, loss: float, dt: float, passes: int,
-                diag: Any) -> None:
+                diag: Any, step_mb: float | None = None) -> None:
         """Count the step and report it (metrics.jsonl and the callbacks)."""
         prog = self.prog
         rows, sent = self.est.last_forward_rows, getattr(self.est, "last_bytes_sent", None)
@@ -348,6 +361,9 @@ class _Trainer:
                "forward_rows": rows, "forward_passes": passes}
         if sent is not None:
             row["bytes_sent"] = sent
+        if step_mb is not None:
+            row["step_peak_mb"] = step_mb
+            prog.step_peak_mb = max(prog.step_peak_mb or 0.0, step_mb)
         self._report("on_step", row)
         if diag is not None:
             cos, ratio, overall = diag
@@ -381,7 +397,7 @@ class _Trainer:
             "forward_passes": prog.forward_passes, "peak_rss_mb": self.memory.sample(),
         }
         if self.device.type == "cuda":
-            row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            row["peak_cuda_mb"] = self.step_memory.cuda_peak_mb()
         if partial:
             row["partial"] = True
         self._report("on_epoch_end", row)
@@ -456,7 +472,7 @@ class _Trainer:
         summary["estimator"] = self.estimator_text()
         summary["model_source"] = self.record
         if self.device.type == "cuda":
-            summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            summary["peak_cuda_mb"] = self.step_memory.cuda_peak_mb()
         self.files.summary(summary)
         for cb in self.callbacks:
             cb.on_train_end(summary)
@@ -534,6 +550,7 @@ def _summary(config: RunConfig, task: str, prog: _Progress, last: dict[str, Any]
         "forward_passes": prog.forward_passes,
         "peak_rss_mb": peak_rss_mb if peak_rss_mb is not None else lifetime_peak_rss_mb(),
         "peak_cuda_mb": None,
+        "step_peak_mb": prog.step_peak_mb,
         "num_params": num_params,
         "environment": env,
         "config": config.to_dict(),

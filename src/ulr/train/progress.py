@@ -62,13 +62,16 @@ def format_table(summaries: Sequence[dict[str, Any]]) -> str:
     Classification runs show test accuracy after the last epoch, the best validation accuracy
     (and its epoch) with the test accuracy at that epoch; regression runs the same for the
     loss (MSE). Then wall time (whole run), training time (optimizer steps only), steps,
-    forward passes and rows (examples x copies), and peak memory: the process's resident memory
-    on the CPU, the allocated GPU memory (marked ``GPU``) for CUDA runs.
+    forward passes and rows (examples x copies), the peak allocation of a training step
+    (*step alloc MB*: the estimator's working memory, measured on two steps, ``GPU`` for CUDA
+    runs; ``-`` for runs recorded before it was measured) and the process's peak (*process
+    MB*: resident memory on the CPU, allocated GPU memory marked ``GPU`` for CUDA runs).
     """
     regression = bool(summaries) and all(s.get("task") == "regression" for s in summaries)
     head = (["run", "test MSE", "best val MSE (ep)", "test MSE @best"] if regression else
             ["run", "test acc", "best val acc (ep)", "test acc @best"])
-    head += ["wall s", "train s", "steps", "fwd passes", "fwd rows", "peak mem MB"]
+    head += ["wall s", "train s", "steps", "fwd passes", "fwd rows", "step alloc MB",
+             "process MB"]
     lines = []
     for s in summaries:
         final, best = s.get("final") or {}, s.get("best") or {}
@@ -82,10 +85,13 @@ def format_table(summaries: Sequence[dict[str, Any]]) -> str:
                      _pct(best.get("test_acc"))]
         gpu = s.get("peak_cuda_mb")
         peak = f"{gpu:.0f} GPU" if gpu is not None else _num(s.get("peak_rss_mb"), ".0f")
+        step = _num(s.get("step_peak_mb"), ".2f")
+        if gpu is not None and step != "-":
+            step += " GPU"
         lines.append([str(s.get("label", s.get("method", "?"))), *cells,
                       _num(s.get("wall_time_s"), ".1f"), _num(s.get("train_time_s"), ".1f"),
                       str(s.get("steps", "-")), _count(s.get("forward_passes")),
-                      _count(s.get("forward_rows")), peak])
+                      _count(s.get("forward_rows")), step, peak])
     widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
 
     def fmt(r: list[str]) -> str:

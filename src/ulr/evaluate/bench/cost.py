@@ -3,48 +3,16 @@ method in its training configuration."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import statistics
-import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ...train.metrics import peak_step_memory
 from .harness import BATCH, ce, generator_for, initial_model, load_dataset, progress
 from .methods import build_estimator, describe
 from .settings import Settings
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    # The profiler's C++ side logs start/stop lines to file descriptor 2; keep progress readable.
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_step_memory(step: Callable[[], None]) -> float:
-    """Peak of net CPU allocations during ``step`` (bytes), from the torch profiler's
-    allocation events at operator granularity (memory held before the step is not counted)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    cur = peak = 0
-    for e in events:
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return float(peak)
 
 
 def cost(settings: Settings, verbose: bool = False) -> list[dict[str, Any]]:
