@@ -441,3 +441,15 @@ def test_flag_typos_get_a_did_you_mean_and_no_abbreviation(capsys, args, hint):
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2 and hint in capsys.readouterr().err
+
+
+def test_quiet_is_q_on_every_command_that_prints_progress(tmp_path, capsys):
+    from ulr.evaluate.bench import parser as bench_parser
+    from ulr.evaluate.robust import parser as robust_parser
+
+    assert main(["train", "--method", "spsa", "--max-steps", "1", "--threads", "1", "-q",
+                 "--no-plots", "--out", str(tmp_path / "q")]) == 0
+    out = capsys.readouterr().out
+    assert "[spsa]" not in out and "fwd rows" in out  # no header, no hint: the table only
+    for p, extra in ((bench_parser(), []), (robust_parser(), ["RUN"])):
+        assert p.parse_args(["-q", *extra]).quiet
