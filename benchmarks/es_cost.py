@@ -113,7 +113,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Measure, print and (without ``--smoke``) write the results; returns the rows, each with
+    ``same_estimate`` (both ES paths wrote the same gradient on its model)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="a few steps, nothing written")
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, same = [], {}
     for model_name in ("mlp", "lenet5"):
         same[model_name] = same_estimate(model_name, ds, population)
-        rows += measure(model_name, ds, population, steps, rounds)
+        rows += [{**r, "same_estimate": same[model_name]}
+                 for r in measure(model_name, ds, population, steps, rounds)]
     import os
 
     result = {"population": population, "steps": steps, "rounds": rounds, "rows": rows,
@@ -140,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         (out / "es-cost.json").write_text(json.dumps(result, indent=1) + "\n")
         (out / "es-cost.md").write_text(text)
-    return 0 if all(same.values()) else 1
+    return rows
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(0 if all(r["same_estimate"] for r in main()) else 1)

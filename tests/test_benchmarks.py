@@ -80,3 +80,18 @@ def test_ratio_bars_writes_a_png(tmp_path):
     path = ratio_bars(rows, tmp_path / "bars.png", value="ratio", xlabel="x", title="t",
                       target=1.3)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+# Issue 16: ES's vectorised population against one forward per member (and EvoTorch's when
+# installed); test_benchmark_smoke runs it, this checks what it measured.
+BENCHMARKS.append("es_cost.py")
+
+
+def test_es_cost_smoke_finds_the_same_estimate_on_both_paths(capsys):
+    spec = importlib.util.spec_from_file_location("es_cost", ROOT / "benchmarks" / "es_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--smoke"])
+    assert {r["model"] for r in rows} == {"mlp", "lenet5"}
+    assert all(r["same_estimate"] and r["us_per_row"] > 0 for r in rows)
+    assert "| mlp | ES, vectorised (default) |" in capsys.readouterr().out

@@ -1,4 +1,6 @@
-"""``ulr bench``: ULR side by side with backprop, ES, SPSA/MeZO and forward gradient.
+"""``ulr bench``: ULR side by side with backprop, ES, SPSA/MeZO, forward gradient and, when
+``evotorch`` is installed, EvoTorch's PGPE and SNES (:mod:`.evotorch_peers`; skipped with the
+reason otherwise).
 
 One run measures, on one machine and in one process, and writes one report
 (``peers-report.md``, ``peers-report.json`` and ``peers-*.png`` under ``--out``):
