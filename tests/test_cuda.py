@@ -95,3 +95,28 @@ def test_memory_modes_match_store_on_cuda(monkeypatch, cnn, sampler):
     for memory in ("chunked", "replay"):
         for a, b in zip(grads[memory], grads["store"], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_vectorised_es_matches_one_forward_per_member_on_cuda(cnn):
+    from ulr.peers import EvolutionStrategies
+
+    model = cnn.cuda()
+    torch.manual_seed(1)
+    x, y = torch.randn(5, 1, 6, 6).cuda(), torch.randint(0, 3, (5,)).cuda()
+    got = []
+    for per in (None, 1):
+        est = EvolutionStrategies(model, population=8, members_per_forward=per,
+                                  generator=torch.Generator().manual_seed(3))
+        model.zero_grad(set_to_none=True)
+        est.loss_and_grads(ce, x, y)
+        assert est.vectorize_error is None
+        got.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b)
+
+
+def test_step_allocation_and_the_run_peak_on_cuda():
+    from ulr.train import RunConfig, fit
+
+    summary = fit(RunConfig(method="ulr", device="cuda", epochs=1, max_steps=4, batch_size=64))
+    assert 0 < summary["step_peak_mb"] <= summary["peak_cuda_mb"]
