@@ -389,9 +389,38 @@ TRAIN_RUNS = {
     # the same at twice the copies (still cheaper per step than the default, see the table)
     "hybrid-pooled-128": ["--sites", "pool1", "pool2", "fc1", "fc2", "fc3", "--num-copies",
                           "128", "--sampler", "antithetic", "--sigma", "0.05"],
-    # the model's recommended configuration (LeNet5.ulr_config()) with antithetic pairs
-    "recommended": ["--recommended", "--sampler", "antithetic"],
+    # the model's recommended configuration, LeNet5.ulr_config() (recorded with the run)
+    "recommended": ["--recommended"],
+    # the same with LeNet5.ulr_config() replaced by TRAIN_CONFIGS's: weight noise on conv1
+    "recommended-wn-conv1": ["--recommended"],
 }
+# LeNet5.ulr_config() as a run sees it, where it differs from the model's own
+TRAIN_CONFIGS = {
+    "recommended-wn-conv1": {"sigma": dict.fromkeys(("conv2", "fc1", "fc2", "fc3"), 0.05),
+                             "weight_sigma": {"conv1": 1e-3},
+                             "num_copies": dict.fromkeys(SITES, 32)},
+}
+# `python -m ulr` with LeNet5.ulr_config() returning the JSON of argv[1]
+_PATCHED_ULR = """import json, sys
+from ulr.cli import main
+from ulr.models.lenet import LeNet5
+LeNet5.ulr_config = lambda self: json.loads(sys.argv[1])
+raise SystemExit(main(sys.argv[2:]))"""
+
+
+TRAIN_NOTES = """Reading (the runs of 2026-12-05; times on a shared 2-core machine, so compare the
+ratios): the hybrid-blocks placement (noise after each conv block's ReLU + max-pool, 64
+antithetic copies per pass, σ 0.05) is the only configuration here that meets the issue's
+one-epoch floor, >= 80% in <= 20× backprop's time; at 128 copies it gains under a point for 1.6×
+the time and misses the time bound. Weight noise 1e-3 on conv1 with output noise 0.05 elsewhere
+and 32 copies per pass (`recommended-wn-conv1`) reaches the current `LeNet5.ulr_config()`'s
+accuracy (`recommended`: 64-128 copies per pass, 417 rows per example) in less than half its
+time, and is 10 points above the no-flags default at 1.2× its time. Neither is the model's
+default here: `ULRConfig` has no field for sites other than the parametrised layers (so the
+hybrid placement cannot be recommended through it), `ulr train` reads `LeNet5.ulr_config()` only
+with `--recommended` (the issue's "no other flags" run uses σ 0.1 and 32 i.i.d. copies whatever
+the model recommends), and a recommended weight noise on LeNet-5 makes `--method bp-noise
+--recommended` refuse the model, which `tests/train/test_bp_noise.py` relies on.""".splitlines()
 
 
 def train_check(labels: list[str], threads: int, workdir: Path) -> list[dict[str, Any]]:
@@ -409,11 +438,18 @@ def train_check(labels: list[str], threads: int, workdir: Path) -> list[dict[str
                 shutil.rmtree(run)
             run.parent.mkdir(parents=True, exist_ok=True)
             print("cnn:", " ".join(cmd), file=sys.stderr, flush=True)
-            subprocess.run([sys.executable, "-m", "ulr", *cmd[1:], "--out", str(run)],
-                           check=True, stdout=subprocess.DEVNULL)
+            # what --recommended reads (LeNet5.ulr_config()), kept beside the run
+            config = TRAIN_CONFIGS.get(label) or ulr.models.recommended_config(
+                ulr.models.build("lenet5", in_shape=(1, 28, 28), num_classes=10))
+            (workdir / f"{label}.ulr_config.json").write_text(json.dumps(config))
+            python = ([sys.executable, "-c", _PATCHED_ULR, json.dumps(config)]
+                      if label in TRAIN_CONFIGS else [sys.executable, "-m", "ulr"])
+            subprocess.run([*python, *cmd[1:], "--out", str(run)], check=True,
+                           stdout=subprocess.DEVNULL)
         runs = {r["label"]: r for r in json.loads((run / "comparison.json").read_text())}
         u, b = runs["ulr"], runs["bp"]
-        out.append({"label": label, "command": " ".join(cmd),
+        patched = " (LeNet5.ulr_config() replaced)" if label in TRAIN_CONFIGS else ""
+        out.append({"label": label, "command": " ".join(cmd) + patched,
                     "ulr_test_acc": u["final"]["test_acc"], "bp_test_acc": b["final"]["test_acc"],
                     "ulr_train_s": u["train_time_s"], "bp_train_s": b["train_time_s"],
                     "time_ratio": u["train_time_s"] / b["train_time_s"],
@@ -421,8 +457,8 @@ def train_check(labels: list[str], threads: int, workdir: Path) -> list[dict[str
                     "ulr_config": {k: u["config"][k] for k in ("sigma", "site_sigma", "num_copies",
                                                                "sampler", "baseline", "recommended",
                                                                "plan", "sites")},
-                    "recommended_config": ulr.models.recommended_config(
-                        ulr.models.build("lenet5", in_shape=(1, 28, 28), num_classes=10))})
+                    "recommended_config": json.loads(
+                        (workdir / f"{label}.ulr_config.json").read_text())})
     return out
 
 
@@ -579,11 +615,11 @@ def _training_section(training) -> list[str]:
                      f"{100 * t['bp_test_acc']:.2f}% | {t['ulr_train_s']:.1f} | "
                      f"{t['bp_train_s']:.1f} | {t['time_ratio']:.1f} | "
                      f"{t['ulr_rows_per_example']:.0f} | {ok} |")
-    lines += ["", "`--recommended` reads `LeNet5.ulr_config()` at the time of the run: "]
+    lines += ["", "`--recommended` reads `LeNet5.ulr_config()` as it was at the time of the run:"]
     for t in training["runs"]:
         if "--recommended" in t["command"]:
             lines.append(f"- `{t['label']}`: `{json.dumps(t['recommended_config'])}`")
-    return lines
+    return [*lines, "", *TRAIN_NOTES]
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
