@@ -225,6 +225,25 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+_profiler_warned = False
+
+
+def _spend_profiler_warning() -> None:
+    # torch's CPU allocator warns once per process, on stderr, when a block allocated before a
+    # memory profile is freed inside it (which every training step does). Spend that warning
+    # on a silenced dummy profile, so the measured steps neither print it nor need stderr
+    # silenced while the user's own code runs.
+    global _profiler_warned
+    if _profiler_warned:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    held = torch.empty(256)
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+        del held
+    _profiler_warned = True
+
+
 @contextlib.contextmanager
 def allocation_peak(device: torch.device | str = "cpu") -> Iterator[dict[str, float | None]]:
     """The peak of the memory allocated inside the block above what was allocated when it
@@ -247,6 +266,7 @@ def allocation_peak(device: torch.device | str = "cpu") -> Iterator[dict[str, fl
     if torch._C._autograd._profiler_enabled():  # the user's profiler: leave it alone
         yield result
         return
+    _spend_profiler_warning()
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with _quiet_stderr():
         prof.__enter__()
