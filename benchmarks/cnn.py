@@ -58,7 +58,7 @@ from ulr.evaluate.bench.harness import (
     load_dataset,
     mean_std,
 )
-from ulr.evaluate.bench.quality import _bp_warmup
+from ulr.evaluate.bench.quality import bp_warmup
 from ulr.peers import Backprop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,7 +261,7 @@ def measure(levers: list[Lever], datasets, seeds, batches: int, warmup: int, row
             model = initial_model("lenet5", ds, seed)
             for state in ("init", "trained") if warmup else ("init",):
                 if state == "trained":
-                    _bp_warmup(model, x_all, y_all, warmup, seed)
+                    bp_warmup(model, x_all, y_all, warmup, seed)
                 acc = accuracy(model, *ds.test)
                 pick = generator_for(seed, 77)  # the bench's minibatches
                 idx = [torch.randperm(len(x_all), generator=pick)[:BATCH] for _ in range(batches)]

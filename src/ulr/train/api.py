@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import custom, recipes
+from .checkpoints import read_weights
 from .config import RunConfig, check_values
 from .config_file import load_toml
 from .progress import Callback, ConsoleProgress
@@ -213,13 +214,7 @@ def load_run(run_dir: str | Path, weights: str = "best", *, model: nn.Module | N
         ValueError: a checkpoint that is not ulr's, or weights that do not fit the model.
     """
     file = _checkpoint(Path(run_dir), weights)
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-        config = RunConfig.from_dict(ckpt["config"], source=f"{file} config")
-        state = ckpt["model"]
-    except Exception as e:  # torch raises many types for a damaged or foreign file
-        raise ValueError(f"{file} is not a readable ulr train checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    config, state, ckpt = read_weights(file)
     if model is None:
         with torch.random.fork_rng(devices=[]):  # building seeds the global RNG
             model = _rebuild(config, ckpt.get("model_source"))

@@ -38,6 +38,22 @@ def state(config: RunConfig, model: nn.Module, **parts: Any) -> dict[str, Any]:
             "config": config.to_dict(), "model": model.state_dict(), **parts}
 
 
+def read_weights(file: Path) -> tuple[RunConfig, dict[str, Any], dict[str, Any]]:
+    """``(config, model state, the whole checkpoint)`` of a ``checkpoint.pt`` / ``best.pt``, for
+    the readers that rebuild a trained model (:func:`ulr.load_run`, ``ulr robust``).
+
+    Raises:
+        ValueError: a file that is not a readable ``ulr train`` checkpoint.
+    """
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+        config = RunConfig.from_dict(ckpt["config"], source=f"{file} config")
+        return config, ckpt["model"], ckpt
+    except Exception as e:  # torch raises many types for a damaged or foreign file
+        raise ValueError(f"{file} is not a readable ulr train checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def _config_diff(a: RunConfig, b: RunConfig) -> list[str]:
     da, db = a.to_dict(), b.to_dict()
     return [f"{k}: {da[k]!r} -> {db[k]!r}" for k in da if k not in RESUMABLE and da[k] != db[k]]

@@ -50,7 +50,7 @@ def gradient_quality(settings: Settings, verbose: bool = False) -> list[dict[str
             states = ["init"] + (["trained"] if settings.quality_warmup_steps > 0 else [])
             for state in states:
                 if state == "trained":
-                    _bp_warmup(model, x_all, y_all, settings.quality_warmup_steps, seed)
+                    bp_warmup(model, x_all, y_all, settings.quality_warmup_steps, seed)
                 acc = accuracy(model, *ds.test)
                 pick = generator_for(seed, 77)
                 for b in range(settings.quality_batches):
@@ -84,7 +84,7 @@ def gradient_quality(settings: Settings, verbose: bool = False) -> list[dict[str
     return rows_out
 
 
-def _bp_warmup(model: nn.Module, x: Tensor, y: Tensor, steps: int, seed: int) -> None:
+def bp_warmup(model: nn.Module, x: Tensor, y: Tensor, steps: int, seed: int) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = generator_for(seed, 91)
     for _ in range(steps):

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..runs import SUMMARY, WEIGHTS, checkpoint_path, read_json
@@ -86,7 +85,8 @@ def load(path: str | Path, *, split: str = "test", limit: int | None = None,
         ValueError: an unreadable checkpoint, a regression run (accuracy is undefined), an
             empty split, or a bad ``split``/``limit``/``weights``.
     """
-    from ...train import RunConfig, build_model
+    from ...train import build_model
+    from ...train.checkpoints import read_weights
 
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
@@ -95,14 +95,7 @@ def load(path: str | Path, *, split: str = "test", limit: int | None = None,
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
     ckpt_path = checkpoint_path(Path(path), weights)
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        config = RunConfig.from_dict(ckpt["config"], source=f"{ckpt_path} config")
-        weights = ckpt["model"]
-    except Exception as e:  # torch raises many types for a damaged or foreign file
-        raise ValueError(f"{ckpt_path} is not a readable ulr train checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                         ) from None
+    config, weights, ckpt = read_weights(ckpt_path)
     ds = _dataset(config.data, config.data_dir, config.seed if split == "val" else 0,
                   config.val_fraction if split == "val" else 0.1)
     from ...data import Dataset
