@@ -95,4 +95,4 @@ def test_es_cost_smoke_finds_the_same_estimate_on_both_paths(capsys):
     rows = module.main(["--smoke"])
     assert {r["model"] for r in rows} == {"mlp", "lenet5"}
     assert all(r["same_estimate"] and r["us_per_row"] > 0 for r in rows)
-    assert "| mlp | ES, vectorised (default) |" in capsys.readouterr().out
+    assert "| digits | mlp | ES, vectorised |" in capsys.readouterr().out

@@ -148,7 +148,13 @@ class WeightPerturbation:
         used from here on)."""
         chunk = self.members_per_forward
         if chunk is None:
-            chunk = members_per_forward(perturber.params, len(seeds), len(members))
+            # vmap turns a convolution with stacked weights into a grouped one, which is slower
+            # than one forward per member at image sizes such as 28x28 (LeNet-5: 110 against
+            # 80 ms per step, benchmarks/es_cost.py): by default only convolution-free models
+            # run vectorised.
+            has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
+            chunk = 1 if has_conv else members_per_forward(perturber.params, len(seeds),
+                                                           len(members))
         if chunk <= 1 or not self._vectorize:
             return None, None
         noise = noise_of(perturber.params, seeds, self.distribution)

@@ -47,14 +47,17 @@ class EvolutionStrategies(WeightPerturbation):
     its module runs and again when ``ĝ`` is accumulated. The weights are restored bit-exactly.
 
     Cost: ``P`` forward evaluations of ``B`` rows per call (``last_forward_rows = P·B``); no
-    backward pass, no activation storage. By default the members run together, as many per
-    forward as fit in 256 MiB of stacked weights and noise: their weights are stacked and the
-    model runs once through ``torch.func.vmap(functional_call)`` (``ulr.peers._batched``),
-    each seed's noise drawn once and kept for the gradient. That is the same estimate (the
-    same weights; losses equal to float rounding, so with rank shaping usually bit-identical)
-    at a fraction of the cost on small models (``benchmarks/es_cost.py``). Models that vmap
-    cannot run (train-mode BatchNorm, dropout and other random operations, ``.item()``, numpy)
-    fall back to one forward per member, as does ``members_per_forward=1``, whose memory is
+    backward pass, no activation storage. By default the members of a model without
+    convolutions run together, as many per forward as fit in 256 MiB of stacked weights and
+    noise: their weights are stacked and the model runs once through
+    ``torch.func.vmap(functional_call)`` (``ulr.peers._batched``), each seed's noise drawn once
+    and kept for the gradient. That is the same estimate (the same weights; losses equal to
+    float rounding, so with rank shaping usually bit-identical) at a fraction of the cost
+    (``benchmarks/es_cost.py``). With convolutions vmap is slower than one forward per member
+    at image sizes such as 28x28, so those members run one by one unless
+    ``members_per_forward`` asks. Models that vmap cannot run (train-mode BatchNorm, dropout
+    and other random operations, ``.item()``, numpy) fall back to one forward per member, as
+    does ``members_per_forward=1``, whose memory is
     that of inference. A parameter is perturbed while its module runs on either path.
 
     Args:
@@ -72,7 +75,9 @@ class EvolutionStrategies(WeightPerturbation):
             from a single draw of torch's global RNG.
         exclude: parameter names (wildcards allowed) left without a gradient.
         members_per_forward: members evaluated in one vectorised forward; ``None``
-            (default): as many as fit in 256 MiB; ``1``: one forward per member, noise
+            (default): as many as fit in 256 MiB for a model without convolutions, one for a
+            model with them (measured faster, ``benchmarks/es_cost.py``); ``1``: one forward
+            per member, noise
             regenerated instead of kept (memory = inference). :attr:`vectorize_error` says
             why a model fell back to one forward per member.
 
