@@ -4,8 +4,8 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 
+import own_model_file
 import pytest
 import torch
 from torch import nn
@@ -14,20 +14,6 @@ import ulr
 from ulr.cli import main
 from ulr.train import ConfigError, RunConfig
 from ulr.train import fit as train_fit
-
-NET_FILE = '''
-import torch
-from torch import nn
-
-def make_net(in_shape, num_outputs, hidden=8):
-    return nn.Sequential(nn.Linear(in_shape[0], hidden), nn.Tanh(),
-                         nn.Linear(hidden, num_outputs))
-
-def load(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(80, 4, generator=g)
-    return {"train": (x, (x[:, 0] > 0).long()), "test": (x[:20], (x[:20, 0] > 0).long())}
-'''
 
 
 def _net():
@@ -66,8 +52,7 @@ def test_fit_trains_the_model_in_place_and_returns_the_summary(tmp_path):
 
 def test_fit_equals_the_cli_loop_for_a_spec_model(tmp_path):
     """ulr.fit with spec strings is train.fit with the same config: one loop."""
-    path = tmp_path / "net.py"
-    path.write_text(textwrap.dedent(NET_FILE))
+    path = own_model_file.write(tmp_path, "net.py")
     a = ulr.fit(f"{path}:make_net", f"{path}:load", epochs=1, num_copies=4)
     b = train_fit(RunConfig(model=f"{path}:make_net", data=f"{path}:load", epochs=1,
                             num_copies=4))
@@ -105,8 +90,7 @@ def test_load_run_rebuilds_built_in_and_file_models(tmp_path, capsys):
     run = ulr.load_run(tmp_path / "mlp")
     assert run.weights.name == "best.pt" and run.epoch in (1, 2) and not run.model.training
     assert run.config.model == "mlp" and run.summary["steps"] > 0
-    path = tmp_path / "net.py"
-    path.write_text(textwrap.dedent(NET_FILE))
+    path = own_model_file.write(tmp_path, "net.py")
     assert main(["train", "--model", f"{path}:make_net", "--data", f"{path}:load",
                  "--model-arg", "hidden=5", "--method", "ulr", "--epochs", "1", "--quiet",
                  "--no-plots", "--out", str(tmp_path / "own")]) == 0
@@ -117,7 +101,7 @@ def test_load_run_rebuilds_built_in_and_file_models(tmp_path, capsys):
     assert json.loads((tmp_path / "own" / "summary.json").read_text())["model_source"][
         "in_shape"] == [4]
     # a changed file still builds, with a warning; a moved one says so
-    path.write_text(textwrap.dedent(NET_FILE) + "\n# edited\n")
+    path.write_text(own_model_file.TEXT + "\n# edited\n")
     with pytest.warns(UserWarning, match="has changed since the run"):
         ulr.load_run(tmp_path / "own")
     shutil.move(path, tmp_path / "moved.py")

@@ -1,5 +1,7 @@
 """The runs of one command: directories are named and created exclusively."""
 
+import own_model_file
+
 from ulr.train.runs import new_dir
 
 
@@ -17,26 +19,10 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
 
 # -- the user's own model and data through the command line (issue 16 §1) --------------------
 
-OWN = '''
-import torch
-from torch import nn
-
-def make_net(in_shape, num_outputs, hidden=8):
-    return nn.Sequential(nn.Linear(in_shape[0], hidden), nn.Tanh(),
-                         nn.Linear(hidden, num_outputs))
-
-def load(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(90, 4, generator=g)
-    return {"train": (x, (x[:, 0] > 0.5).long()), "test": (x[:30], (x[:30, 0] > 0.5).long())}
-'''
 
 
 def _own(tmp_path):
-    import textwrap
-
-    path = tmp_path / "own.py"
-    path.write_text(textwrap.dedent(OWN))
+    path = own_model_file.write(tmp_path)
     return ["--model", f"{path}:make_net", "--data", f"{path}:load"]
 
 
