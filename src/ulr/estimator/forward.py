@@ -6,6 +6,7 @@ its noise-free prefix."""
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -196,10 +197,15 @@ class PassRun:
 
         return map_floats(value, stand_in, site.name)
 
+    @functools.cached_property
+    def _trainable_ids(self) -> set[int]:
+        # once per pass, not at every site call: the parameters do not change within a pass
+        return self.est._watched_ids()
+
     def _watched(self, x: Tensor) -> bool:
         """Whether ``x`` depends on a trainable parameter or a tripwire (since the last site)."""
         found = graph_params([x])
-        return any(i in found for i in self.est._watched_ids()) or any(
+        return any(i in found for i in self._trainable_ids) or any(
             id(t) in found for t in self.tripwires)
 
     def _tripwire(self, t: Tensor) -> Tensor:
