@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 from statistics import mean
 
 from ulr.train import Callback, RunConfig, fit
+from ulr.train.config_file import to_command
 
 VARIANTS = [("pure ULR", None), ("hybrid 4 blocks", 4), ("hybrid 2 blocks", 2),
             ("hybrid 1 block", 1), ("pure BP", 0)]
@@ -38,16 +38,7 @@ class _Diag(Callback):
         self.rows.append(row)
 
 
-def command(cfg: RunConfig) -> str:
-    parts = ["ulr", "train", "--method", "ulr", "--data", cfg.data, "--model", cfg.model]
-    if cfg.blocks is not None:
-        parts += ["--blocks", str(cfg.blocks)]
-    for name in ("num_copies", "sigma", "sampler", "baseline", "plan", "batch_size", "epochs",
-                 "diag_every"):
-        v = getattr(cfg, name)
-        if v != getattr(RunConfig(), name):
-            parts += ["--" + name.replace("_", "-"), str(v)]
-    return shlex.join(parts)
+command = to_command
 
 
 def main(argv=None):

@@ -41,6 +41,7 @@ import torch
 
 from ulr.evaluate import robust
 from ulr.train import RunConfig, environment, fit
+from ulr.train.config_file import to_command
 
 # Each suite: run options shared by every method, the ULR-only options (bp-noise takes the same
 # noise: sigma and sites), and the evaluation: test examples (None = the whole split).
@@ -90,13 +91,7 @@ def config(suite: dict, method: str, seed: int, threads: int, **over) -> RunConf
 
 
 def command(cfg: RunConfig, out: str) -> str:
-    parts = ["ulr", "train", "--method", cfg.method, "--data", cfg.data, "--model", cfg.model]
-    defaults = RunConfig()
-    for name in ("num_copies", "sigma", "sampler", "batch_size", "epochs", "max_steps", "seed"):
-        v = getattr(cfg, name)
-        if v != getattr(defaults, name) and v is not None:
-            parts += ["--" + name.replace("_", "-"), str(v)]
-    return shlex.join([*parts, "--out", out])
+    return f"{to_command(cfg)} --out {shlex.quote(out)}"
 
 
 def train(cfg: RunConfig, runs: Path, rel: str, shown: str, log: list) -> dict:

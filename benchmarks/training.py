@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from ulr.train import Callback, RunConfig, fit
+from ulr.train.config_file import to_command
 
 # Each suite: (dataset, model, model args, ULR overrides, epochs, batch size, floor).
 # Floors are issue #3's: digits MLP ULR >= 96%; MNIST subset within 3 points of BP;
@@ -54,19 +54,7 @@ class _EpochLine(Callback):
         print(f"  {self.tag} epoch {row['epoch']}: {accs}", flush=True)
 
 
-def command(cfg: RunConfig) -> str:
-    parts = ["ulr", "train", "--method", cfg.method, "--data", cfg.data, "--model", cfg.model]
-    for k, v in cfg.model_args.items():
-        parts += ["--model-arg", f"{k}={json.dumps(v)}"]
-    defaults = RunConfig()
-    for name in ("num_copies", "sigma", "sampler", "baseline", "plan", "lr", "schedule",
-                 "batch_size", "epochs", "seed", "device"):
-        v = getattr(cfg, name)
-        if v != getattr(defaults, name) and v is not None:
-            parts += ["--" + name.replace("_", "-"), str(v)]
-    if cfg.recommended:
-        parts.append("--recommended")
-    return shlex.join(parts)
+command = to_command
 
 
 def main(argv=None):

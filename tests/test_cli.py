@@ -94,6 +94,22 @@ def test_train_single_method_conv_model(tmp_path, capsys, method):
     assert f"run directory: {out}" in capsys.readouterr().out
 
 
+def test_lenet5_trains_with_its_model_defaults_and_says_so(tmp_path, capsys):
+    common = ["train", "--method", "ulr", "--model", "lenet5", "--max-steps", "1", "--threads",
+              "1", "--device", "cpu", "--batch-size", "64", "--no-plots"]
+    assert main([*common, "--num-copies", "4", "--out", str(tmp_path / "own")]) == 0
+    err = capsys.readouterr().err
+    assert "lenet5's own defaults where you set none" in err and "--sites pool1 pool2" in err
+    config = config_of(tmp_path / "own")
+    assert (config["sites"], config["num_copies"], config["sampler"], config["schedule"]) == (
+        ["pool1", "pool2", "fc1", "fc2", "fc3"], 4, "antithetic", "cosine-steps")
+    assert main([*common, "--no-model-defaults", "--out", str(tmp_path / "generic")]) == 0
+    assert "own defaults" not in capsys.readouterr().err
+    config = config_of(tmp_path / "generic")
+    assert (config["sites"], config["num_copies"], config["sampler"], config["schedule"],
+            config["model_defaults"]) == (None, 32, "iid", "none", False)
+
+
 def test_flags_override_the_config_file(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text('method = "ulr"\nsigma = 0.05\nplan = "all-sites"\nepochs = 1\n'

@@ -148,12 +148,24 @@ images), Adam, batch 32, 30 epochs, ULR with Gaussian noise sigma=0.1, 32 iid co
 leave-one-out baseline and the layer-wise plan (lr 3e-3), then the same with backprop (lr 1e-3)
 from the same seed; under 10 s on two CPU cores, ending in a comparison table.
 
-Settings come from the defaults, then --config FILE, then the flags (a flag wins). Each run writes
-a directory: config.toml/json (the resolved config), metrics.jsonl (per step and per epoch),
-checkpoint.pt (every epoch and every 10 minutes, atomically) and summary.json. Several methods
-write one sub-directory each plus comparison.txt/json and plots. Ctrl-C or SIGTERM keeps the last
-checkpoint: --resume DIR goes on.
+Settings come from the defaults, then the model's own (the best configuration measured for it;
+--no-model-defaults: none), then --config FILE, then the flags (a flag wins). Model defaults:
+{model_defaults}
+(ULR options for ulr, and the noise for bp-noise; --blocks or --recommended replace the model's
+estimator options).
+
+Each run writes a directory: config.toml/json (the resolved config), metrics.jsonl (per step and
+per epoch), checkpoint.pt (every epoch and every 10 minutes, atomically) and summary.json. Several
+methods write one sub-directory each plus comparison.txt/json and plots. Ctrl-C or SIGTERM keeps
+the last checkpoint: --resume DIR goes on.
 """
+
+def _train_description() -> str:
+    from .train.recipes import MODEL_DEFAULTS, as_flags
+
+    listed = "\n".join(f"  {m}: {as_flags(v)}" for m, v in MODEL_DEFAULTS.items())
+    return _TRAIN_DESCRIPTION.format(model_defaults=listed)
+
 
 _TRAIN_EPILOG = """\
 examples:
@@ -197,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser("train", help="train one model (default: ulr vs bp on digits)",
-                           description=_TRAIN_DESCRIPTION, epilog=_TRAIN_EPILOG,
+                           description=_train_description(), epilog=_TRAIN_EPILOG,
                            formatter_class=_Formatter)
     train.add_argument("--config", metavar="FILE", help=(
         "TOML file of run options (keys as the flags, with underscores; see docs/cli.md). "

@@ -209,3 +209,63 @@ def test_warmup_refuses_the_per_epoch_schedules_and_old_configs_stay_valid():
     old = RunConfig(schedule="cosine").to_dict()
     del old["warmup_steps"], old["tensorboard"]  # a config.json written before these keys
     assert RunConfig.from_dict(old).warmup_steps == 0
+
+
+def test_a_model_trains_with_its_own_defaults_where_the_user_sets_none():
+    ulr, bp, bp_noise, es = configs_from_values(
+        {"model": "lenet5", "method": ["ulr", "bp", "bp-noise", "es"]})
+    pooled = ["pool1", "pool2", "fc1", "fc2", "fc3"]
+    assert (ulr.sites, ulr.num_copies, ulr.sampler, ulr.sigma) == (pooled, 64, "antithetic", 0.05)
+    # every method trains as long and on the same schedule; only ulr reads the estimator
+    # options, bp-noise its noise
+    assert {(c.epochs, c.schedule) for c in (ulr, bp, bp_noise, es)} == {(12, "cosine-steps")}
+    assert (bp.sites, bp.num_copies, bp.sampler, bp.sigma) == (None, 32, "iid", 0.1)
+    assert (bp_noise.sites, bp_noise.sigma, bp_noise.num_copies) == (pooled, 0.05, 32)
+    assert es.sites is None
+    # a value the user gives replaces the model's, one key at a time
+    (ulr,) = configs_from_values({"model": "lenet5", "method": "ulr", "num_copies": 128,
+                                  "epochs": 1, "schedule": "none"})
+    assert (ulr.sites, ulr.num_copies, ulr.epochs, ulr.schedule) == (pooled, 128, 1, "none")
+    # --blocks and --recommended choose the estimator themselves: the model's estimator goes
+    for own in ({"blocks": 2}, {"recommended": True}):
+        (ulr,) = configs_from_values({"model": "lenet5", "method": "ulr", **own})
+        assert (ulr.sites, ulr.num_copies, ulr.sigma, ulr.sampler) == (None, 32, 0.1, "iid")
+        assert ulr.epochs == 12
+    # a model without defaults of its own keeps the fields' defaults
+    (mlp,) = configs_from_values({"model": "mlp", "method": "ulr"})
+    assert mlp == RunConfig()
+
+
+def test_an_error_caused_by_the_model_defaults_names_them():
+    with pytest.raises(ConfigError, match=r"num_copies=1.*lenet5's own defaults set .*"
+                                          r"sampler='antithetic'"):
+        configs_from_values({"model": "lenet5", "method": "ulr", "num_copies": 1})
+
+
+def _cli_configs(command):
+    import shlex
+
+    from ulr.cli import _flag_values, build_parser
+
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    return configs_from_values(_flag_values(args))
+
+
+@pytest.mark.parametrize("config", [
+    RunConfig(model="lenet5", data="fashion-mnist", epochs=2),  # built in Python: no model defaults
+    configs_from_values({"model": "lenet5", "data": "fashion-mnist"})[0],
+    configs_from_values({"model": "lenet5", "method": "bp", "blocks": 2})[0],
+    RunConfig(model="mlp", model_args={"hidden": [8, 4]}, site_sigma={"out": 2.0},
+              sites=["hidden.*", "out"], lr=0.01, recommended=True),
+    RunConfig(method="es", method_args={"population": 8}, tensorboard=True, threads=0),
+])
+def test_to_command_and_to_toml_give_back_the_config(tmp_path, config):
+    from ulr.train.config_file import to_command
+
+    command = to_command(config)
+    off = "--no-model-defaults" in command
+    assert _cli_configs(command) == [config.replace(model_defaults=False) if off else config]
+    path = write(tmp_path, to_toml(config))
+    assert configs_from_values(load_toml(path)) == [config]
+    # a config built in Python takes no model defaults: its command says so
+    assert off == (config == RunConfig(model="lenet5", data="fashion-mnist", epochs=2))

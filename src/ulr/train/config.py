@@ -176,6 +176,11 @@ class RunConfig:
         "model and data",
         "Directory of file-based datasets (fashion-mnist).", metavar="DIR",
         default_text="the loader's search path"))
+    model_defaults: bool = field(default=True, metadata=_meta(
+        "model and data",
+        "Give the keys you do not set the model's own defaults, the best configuration "
+        "measured for it (lenet5's: see the description above), before the generic ones; "
+        "--no-model-defaults: the generic ones only."))
     val_fraction: float = field(default=0.1, metadata=_meta(
         "model and data",
         "Share of the non-test data held out for validation (model selection: 'best val').",
@@ -442,16 +447,16 @@ class RunConfig:
 
 _FIELDS = {f.name: f for f in fields(RunConfig)}
 _TYPES = {
-    "model": str, "model_args": dict, "data": str, "data_dir": str, "val_fraction": float,
-    "method": str, "method_args": dict, "loss": str, "num_copies": int, "noise": str,
-    "sigma": float, "site_sigma": dict, "sampler": str, "baseline": str,
-    "baseline_decay": float, "plan": str, "sites": list,
-    "blocks": int, "recommended": bool, "memory": str, "chunk_size": int, "workers": int,
-    "optimizer": str, "lr": float, "momentum": float, "weight_decay": float, "schedule": str,
-    "step_size": int, "gamma": float, "grad_clip": float, "batch_size": int, "epochs": int,
-    "max_steps": int, "seed": int, "device": str, "threads": int, "eval_batch_size": int,
-    "log_every": int, "checkpoint_every": int, "early_stop": int,
-    "diag_every": int, "exchange": str, "warmup_steps": int, "tensorboard": bool,
+    "model": str, "model_args": dict, "model_defaults": bool, "data": str, "data_dir": str,
+    "val_fraction": float, "method": str, "method_args": dict, "loss": str, "num_copies": int,
+    "noise": str, "sigma": float, "site_sigma": dict, "sampler": str, "baseline": str,
+    "baseline_decay": float, "plan": str, "sites": list, "blocks": int, "recommended": bool,
+    "memory": str, "chunk_size": int, "workers": int, "optimizer": str, "lr": float,
+    "momentum": float, "weight_decay": float, "schedule": str, "step_size": int, "gamma": float,
+    "grad_clip": float, "batch_size": int, "epochs": int, "max_steps": int, "seed": int,
+    "device": str, "threads": int, "eval_batch_size": int, "log_every": int,
+    "checkpoint_every": int, "early_stop": int, "diag_every": int, "exchange": str,
+    "warmup_steps": int, "tensorboard": bool,
 }
 assert set(_TYPES) == set(_FIELDS), "every RunConfig field needs a type in _TYPES"
 _OPTIONAL = {n for n, f in _FIELDS.items() if f.default is None}
@@ -655,7 +660,7 @@ def configs_from_values(values: Mapping[str, Any], source: str = "config") -> li
 
     Args:
         values: keys of :class:`RunConfig`; ``method`` may be a list; missing keys take the
-            defaults.
+            model's own defaults (:data:`ulr.train.recipes.MODEL_DEFAULTS`), then the fields'.
         source: where the values come from, for error messages.
 
     Returns:
@@ -679,7 +684,17 @@ def configs_from_values(values: Mapping[str, Any], source: str = "config") -> li
         return {**(flat if m in takers else {}),
                 **({m: method_args[m]} if m in tables else {})}
 
-    try:
-        return [RunConfig(**values, method=m, method_args=own(m)) for m in methods]
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    from .recipes import model_defaults
+
+    configs = []
+    for m in methods:
+        defaults = (model_defaults(values.get("model", RunConfig.model), m, values)
+                    if values.get("model_defaults", True) else {})
+        try:
+            configs.append(RunConfig(**{**defaults, **values}, method=m, method_args=own(m)))
+        except ConfigError as e:
+            own_values = (f" ({values.get('model')}'s own defaults set "
+                          f"{', '.join(f'{k}={v!r}' for k, v in defaults.items())}; a value you "
+                          f"give replaces one)" if defaults else "")
+            raise ConfigError(f"{source}: {e}{own_values}") from None
+    return configs

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .config import TABLES, ConfigError, RunConfig, check_values, keys
+from .config import TABLES, ConfigError, RunConfig, check_values, configs_from_values, keys
 
 try:
     import tomllib
@@ -88,13 +88,55 @@ def _toml_key(key: str) -> str:
     return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
 
 
+def _exact(config: RunConfig, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (some of ``config``'s), with ``model_defaults = false`` where reading them
+    back would give an unset key the model's own default instead of ``config``'s value (a
+    config built in Python takes the fields' defaults only)."""
+    given = {k: v for k, v in values.items() if v is not None and v != {}}
+    if configs_from_values({**given, "method": config.method}) != [config]:
+        values = {**values, "model_defaults": False}
+    return values
+
+
+def to_command(config: RunConfig, command: str = "train") -> str:
+    """The shortest ``ulr train`` command line that runs ``config``: the model, data and
+    method, and every other key whose value differs from the field's default (plus
+    ``--no-model-defaults`` where the model's own defaults would change an unset key).
+
+    Example:
+        >>> to_command(RunConfig(model="lenet5", data="fashion-mnist", epochs=2))
+        'ulr train --method ulr --model lenet5 --data fashion-mnist --epochs 2 --no-model-defaults'
+    """
+    import shlex
+
+    base = RunConfig().to_dict()
+    values = {k: v for k, v in config.to_dict().items()
+              if k in ("model", "data", "method") or (v != base[k] and k != "model_defaults")}
+    values = _exact(config, values)
+    parts = ["ulr", command, "--method", values.pop("method")]
+    flags = {"model_args": "--model-arg", "method_args": "--method-arg",
+             "site_sigma": "--site-sigma"}
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if key in flags:
+            for k, v in value.items():
+                parts += [flags[key], f"{k}={_toml_value(v) if not isinstance(v, str) else v}"]
+        elif isinstance(value, bool):
+            parts.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, list):
+            parts += [flag, *map(str, value)]
+        elif value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
 def to_toml(config: RunConfig, header: str = "") -> str:
     """The config as a TOML file that :func:`load_toml` reads back to the same config.
 
     Unset (``None``) fields are written as comments.
     """
     lines = [f"# {line}" for line in header.splitlines()]
-    values = config.to_dict()
+    values = _exact(config, config.to_dict())
     tables = {name: values.pop(name) for name in TABLES}
     for key, value in values.items():
         lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")

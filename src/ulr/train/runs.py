@@ -220,6 +220,8 @@ def train(flags: dict[str, Any], *, config_file: str | None, out: str | None,
         return _execute(planned, group, quiet=quiet, plots=plots)
     values = layer({"method": DEFAULT_METHODS, **file_values}, flags)
     configs = configs_from_values(values, config_file or "command line")
+    if not quiet:
+        _note_model_defaults(configs, values)
     first = configs[0]
     methods = [c.method for c in configs]
     check_options_used(flags, methods, "command line")
@@ -236,6 +238,19 @@ def train(flags: dict[str, Any], *, config_file: str | None, out: str | None,
 
     planned, group = distributed.on_rank0(plan)
     return _execute(planned, group, quiet=quiet, plots=plots, created=not out)
+
+
+def _note_model_defaults(configs: Sequence[RunConfig], values: dict[str, Any]) -> None:
+    """Say which of the model's own defaults the runs took (the user set the others)."""
+    from .recipes import as_flags, model_defaults
+
+    taken: dict[str, Any] = {}
+    for c in configs:
+        if c.model_defaults:
+            taken.update(model_defaults(c.model, c.method, values))
+    if taken:
+        print(f"{configs[0].model}'s own defaults where you set none (--no-model-defaults: the "
+              f"generic ones): {as_flags(taken)}", file=sys.stderr)
 
 
 def compare(flags: dict[str, Any], *, config_files: Sequence[str], out: str | None,
