@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ulr.evaluate.bench import machine
-from ulr.train.config import configs_from_values
+from ulr.train.config import RunConfig, configs_from_values
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR_ACC, FLOOR_S, FLOOR_SYS = 0.885, 1800.0, 0.10
@@ -62,7 +62,8 @@ def wait(proc: subprocess.Popen, run: Path) -> None:
 
 def read(run: Path, want: dict[str, Any]) -> dict[str, Any]:
     """One finished run: its config checked against ``want``, its epochs and its usage."""
-    got = json.loads((run / "config.json").read_text())
+    # through RunConfig: a key a run recorded before it existed takes its default
+    got = RunConfig.from_dict(json.loads((run / "config.json").read_text())).to_dict()
     diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v
             and not (k == "device" and v == "auto")}  # ... and the device auto chose
     if diff:

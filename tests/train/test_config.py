@@ -218,7 +218,7 @@ def test_a_model_trains_with_its_own_defaults_where_the_user_sets_none():
     assert (ulr.sites, ulr.num_copies, ulr.sampler, ulr.sigma) == (pooled, 64, "antithetic", 0.05)
     # every method trains as long and on the same schedule; only ulr reads the estimator
     # options, bp-noise its noise
-    assert {(c.epochs, c.schedule) for c in (ulr, bp, bp_noise, es)} == {(12, "cosine-steps")}
+    assert {(c.epochs, c.schedule) for c in (ulr, bp, bp_noise, es)} == {(18, "cosine-steps")}
     assert (bp.sites, bp.num_copies, bp.sampler, bp.sigma) == (None, 32, "iid", 0.1)
     assert (bp_noise.sites, bp_noise.sigma, bp_noise.num_copies) == (pooled, 0.05, 32)
     assert es.sites is None
@@ -230,7 +230,7 @@ def test_a_model_trains_with_its_own_defaults_where_the_user_sets_none():
     for own in ({"blocks": 2}, {"recommended": True}):
         (ulr,) = configs_from_values({"model": "lenet5", "method": "ulr", **own})
         assert (ulr.sites, ulr.num_copies, ulr.sigma, ulr.sampler) == (None, 32, 0.1, "iid")
-        assert ulr.epochs == 12
+        assert ulr.epochs == 18
     # a model without defaults of its own keeps the fields' defaults
     (mlp,) = configs_from_values({"model": "mlp", "method": "ulr"})
     assert mlp == RunConfig()

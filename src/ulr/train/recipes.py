@@ -46,11 +46,12 @@ SAMPLERS: dict[str, Callable[[], Sampler]] = {
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # docs/results/cnn.md: noise after each conv block's ReLU + max-pool (backprop inside the
     # block) and at the fc layers, 64 antithetic copies per pass, sigma 0.05: 82.7% after one
-    # Fashion-MNIST epoch at 15.6x backprop's time (the generic defaults: 71.1% at 16.1x); a
-    # per-step cosine decay over 12 epochs for the noise floor a constant lr plateaus at.
+    # Fashion-MNIST epoch at 15.6x backprop's time (the generic defaults: 71.1% at 16.1x). A
+    # constant lr plateaus at 86-87%; a per-step cosine decay over 18 epochs ends near 89% in
+    # about 23 minutes on the 2-core CPU (docs/results/cnn-long.md).
     "lenet5": {"sites": ["pool1", "pool2", "fc1", "fc2", "fc3"], "num_copies": 64,
                "sampler": "antithetic", "sigma": 0.05, "schedule": "cosine-steps",
-               "epochs": 12},
+               "epochs": 18},
 }
 
 
