@@ -617,7 +617,36 @@ def write_report(result: dict[str, Any], out: Path, stem: str) -> None:
         acc = summary[0]["cells"][cell]["test_acc_at_state"]
         lines += ["", f"### {cell} (test accuracy {acc:.3f})", "", *_table(summary, cell)]
     lines += _training_section(result.get("training"))
+    lines += _full_runs_section(out)
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+def _full_runs_section(out: Path) -> list[str]:
+    """Headlines of the full training runs (cnn_long.py) and of the peers trained to equal time
+    and rows (cnn_peers.py), read from their result files beside this one."""
+    lines = []
+    long_file, peers_file = out / "cnn-long.json", out / "cnn-peers.json"
+    if long_file.exists():
+        runs = json.loads(long_file.read_text())["runs"]
+        accs = [r["test_acc"] for r in runs]
+        lines += ["", "## Full runs: `ulr train --method ulr --data fashion-mnist --model lenet5`",
+                  "", f"With no options but the seed (LeNet-5's model defaults), {len(runs)} "
+                  f"seeds: test accuracy {', '.join(f'{100 * a:.2f}%' for a in accs)}, mean "
+                  f"**{100 * statistics.fmean(accs):.2f}%**, each in at most "
+                  f"{max(r['train_s'] for r in runs) / 60:.1f} min of training "
+                  "([cnn-long.md](cnn-long.md): per epoch, system time, page faults)."]
+    if peers_file.exists():
+        peers = json.loads(peers_file.read_text())
+        s = peers["settings"]
+        lines += ["", "## Training against the peers at equal time and equal rows", "",
+                  f"{s['data']} LeNet-5, {len(s['seeds'])} seeds ([cnn-peers.md](cnn-peers.md)):",
+                  "", f"| method | test acc after {s['time_s']:g} CPU s | after {s['rows']:.3g} "
+                  "forward rows |", "|---|---:|---:|"]
+        for e in peers["summary"]:
+            lines.append(f"| `{e['method']}` | {100 * e['time']['mean']:.2f}% ± "
+                         f"{100 * e['time']['std']:.2f} | {100 * e['rows']['mean']:.2f}% ± "
+                         f"{100 * e['rows']['std']:.2f} |")
+    return lines
 
 
 def _training_section(training) -> list[str]:

@@ -265,13 +265,18 @@ def compare(flags: dict[str, Any], *, config_files: Sequence[str], out: str | No
     configs: list[RunConfig] = []
     if config_files:
         for path in config_files:
-            runs = configs_from_values(layer({"method": DEFAULT_METHODS[:1],
-                                              **load_toml(path)}, flags), path)
+            values = layer({"method": DEFAULT_METHODS[:1], **load_toml(path)}, flags)
+            runs = configs_from_values(values, path)
+            if not quiet:
+                _note_model_defaults(runs, values)
             stem = Path(path).stem
             labels += [f"{stem}-{c.method}" if len(runs) > 1 else stem for c in runs]
             configs += runs
     else:
-        configs = configs_from_values(layer({"method": DEFAULT_METHODS}, flags))
+        values = layer({"method": DEFAULT_METHODS}, flags)
+        configs = configs_from_values(values)
+        if not quiet:
+            _note_model_defaults(configs, values)
         labels = [c.method for c in configs]
     labels = _unique(labels)
     same = {(c.model, c.data, c.seed) for c in configs}
