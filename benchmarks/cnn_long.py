@@ -118,6 +118,8 @@ def write_report(result: dict[str, Any], out: Path, stem: str) -> None:
             f"{100 * best.get('val_acc', float('nan')):.2f}% ({best.get('epoch', '–')}) | "
             f"{r['train_s']:.0f} | {u.get('user_s', float('nan')):.0f} | "
             f"{u.get('sys_s', float('nan')):.1f} | {share} | {u.get('minor_faults', '–')} |")
+    lines += [f"\nSeed {r['seed']}: {r['usage']['source']}." for r in runs
+              if r["usage"] and r["usage"].get("source")]
     lines += [
         "",
         f"**Mean test accuracy {100 * mean:.2f}%** (± {100 * statistics.stdev(accs):.2f} over "
