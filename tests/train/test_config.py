@@ -254,7 +254,7 @@ def _cli_configs(command):
 @pytest.mark.parametrize("config", [
     RunConfig(model="lenet5", data="fashion-mnist", epochs=2),  # built in Python: no model defaults
     configs_from_values({"model": "lenet5", "data": "fashion-mnist"})[0],
-    configs_from_values({"model": "lenet5", "method": "bp", "blocks": 2})[0],
+    configs_from_values({"model": "lenet5", "method": "ulr", "blocks": 2})[0],
     RunConfig(model="mlp", model_args={"hidden": [8, 4]}, site_sigma={"out": 2.0},
               sites=["hidden.*", "out"], lr=0.01, recommended=True),
     RunConfig(method="es", method_args={"population": 8}, tensorboard=True, threads=0),
@@ -269,3 +269,11 @@ def test_to_command_and_to_toml_give_back_the_config(tmp_path, config):
     assert configs_from_values(load_toml(path)) == [config]
     # a config built in Python takes no model defaults: its command says so
     assert off == (config == RunConfig(model="lenet5", data="fashion-mnist", epochs=2))
+
+
+def test_to_command_leaves_out_the_options_a_method_does_not_read():
+    from ulr.train.config_file import to_command
+
+    command = to_command(RunConfig(method="bp", num_copies=64, sigma=0.05, lr=0.01))
+    assert command == "ulr train --method bp --model mlp --data digits --lr 0.01"
+    assert _cli_configs(command) == [RunConfig(method="bp", lr=0.01)]

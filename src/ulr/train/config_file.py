@@ -9,7 +9,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .config import TABLES, ConfigError, RunConfig, check_values, configs_from_values, keys
+from .config import (
+    NOISE_OPTIONS,
+    TABLES,
+    ULR_OPTIONS,
+    ConfigError,
+    RunConfig,
+    check_values,
+    configs_from_values,
+    keys,
+)
 
 try:
     import tomllib
@@ -110,6 +119,10 @@ def to_command(config: RunConfig, command: str = "train") -> str:
     import shlex
 
     base = RunConfig().to_dict()
+    # options the method does not read change nothing, and the command line refuses them
+    unread = [k for k in ULR_OPTIONS if not (config.method == "ulr" or (
+        config.method == "bp-noise" and k in NOISE_OPTIONS))]
+    config = config.replace(**{k: base[k] for k in unread})
     values = {k: v for k, v in config.to_dict().items()
               if k in ("model", "data", "method") or (v != base[k] and k != "model_defaults")}
     values = _exact(config, values)
