@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--smoke", "--quick", action="store_true",
                    help="seconds: digits (8x8), one seed, tiny budgets")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--add-seeds", type=int, nargs="+", metavar="SEED",
+                   help="run only these seeds and add them to the runs of an existing "
+                        "cnn-peers.json of the same budgets")
     p.add_argument("--time", type=float, default=60.0, help="CPU seconds per run")
     p.add_argument("--rows", type=float, default=2e6, help="forward rows per run")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
@@ -173,19 +176,34 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     data, seeds, time_s, rows, jobs = (("digits", (0,), 0.3, 2e4, 1) if args.smoke else
                                        ("fashion-mnist", tuple(range(args.seeds)), args.time,
                                         args.rows, args.jobs))
-    tasks = [(data, method, seed, time_s, int(rows)) for seed in seeds for method in METHODS]
+    stem = "cnn-peers-smoke" if args.smoke else "cnn-peers"
+    earlier: list[dict[str, Any]] = []
+    t_earlier = 0.0
+    command = "python benchmarks/cnn_peers.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.add_seeds:
+        old = json.loads((Path(args.out) / f"{stem}.json").read_text())
+        s = old["settings"]
+        if (s["data"], s["time_s"], s["rows"]) != (data, time_s, rows):
+            raise SystemExit(f"cnn_peers: {args.out}/{stem}.json has other budgets: {s}")
+        earlier = [r for r in old["runs"] if r["seed"] not in args.add_seeds]
+        seeds = tuple(sorted({r["seed"] for r in earlier} | set(args.add_seeds)))
+        command = f"{old['command']}; {command}"
+        t_earlier = old["seconds"]
+    done = {r["seed"] for r in earlier}
+    tasks = [(data, method, seed, time_s, int(rows)) for seed in seeds if seed not in done
+             for method in METHODS]
     t0 = time.time()
     if jobs > 1:
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-            runs = pool.map(run, tasks, chunksize=1)
+            runs = earlier + pool.map(run, tasks, chunksize=1)
     else:
-        runs = [run(t) for t in tasks]
-    command = "python benchmarks/cnn_peers.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = {"command": command.strip(), "seconds": time.time() - t0, "machine": machine(),
+        runs = earlier + [run(t) for t in tasks]
+    result = {"command": command.strip(), "seconds": t_earlier + time.time() - t0,
+              "machine": machine(),
               "settings": {"data": data, "seeds": list(seeds), "time_s": time_s, "rows": rows,
                            "jobs": jobs},
               "summary": summarize(runs), "runs": runs}
-    write_report(result, Path(args.out), "cnn-peers-smoke" if args.smoke else "cnn-peers")
+    write_report(result, Path(args.out), stem)
     return result["summary"]
 
 

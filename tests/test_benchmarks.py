@@ -96,3 +96,13 @@ def test_es_cost_smoke_finds_the_same_estimate_on_both_paths(capsys):
     assert {r["model"] for r in rows} == {"mlp", "lenet5"}
     assert all(r["same_estimate"] and r["us_per_row"] > 0 for r in rows)
     assert "| digits | mlp | ES, vectorised |" in capsys.readouterr().out
+
+
+def test_cnn_peers_adds_seeds_to_an_earlier_run(tmp_path):
+    """--add-seeds runs only the new seeds and summarises them with the earlier ones."""
+    spec = importlib.util.spec_from_file_location("cnn_peers", ROOT / "benchmarks" / "cnn_peers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--smoke", "--out", str(tmp_path)])
+    summary = module.main(["--smoke", "--out", str(tmp_path), "--add-seeds", "1"])
+    assert all(len(e["time"]["test_acc"]) == 2 for e in summary)
