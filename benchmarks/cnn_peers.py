@@ -16,6 +16,7 @@ A run goes on until it has passed both marks. The methods:
   leave-one-out; 321 rows per example and step), at `ulr train`'s rate 3e-3;
 * `ulr-lean`: the same sites with 8 copies per pass (41 rows per example and step): the
   configuration for a rows budget, as the bench's quality part sizes ULR by rows;
+  `ulr-lean-4`, `ulr-lean-16`: 4 and 16 copies per pass (21 and 81 rows);
 * `es`, `spsa`, `forward-gradient`: the bench's training configurations (population 32, one
   direction, one tangent) at the rates the bench tuned for this setting
   (docs/results/peers-report.md, Fashion-MNIST LeNet-5: 3e-3, 1e-3, 1e-3).
@@ -42,9 +43,12 @@ from ulr.evaluate.bench.harness import accuracy, generator_for, initial_model, l
 from ulr.evaluate.bench.tta import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
+LR_GRID = (1e-3, 3e-3, 1e-2)  # the `ulr bench` grid
 METHODS = {  # name: (learning rate, what it is)
     "ulr": (3e-3, "LeNet-5's model defaults (pooled sites, 64 antithetic copies per pass)"),
     "ulr-lean": (3e-3, "the same sites, 8 antithetic copies per pass"),
+    "ulr-lean-4": (3e-3, "the same sites, 4 antithetic copies per pass"),
+    "ulr-lean-16": (3e-3, "the same sites, 16 antithetic copies per pass"),
     "es": (3e-3, "ES, population 32 (the bench's)"),
     "spsa": (1e-3, "SPSA/MeZO, one direction (the bench's)"),
     "forward-gradient": (1e-3, "forward gradient, one tangent (the bench's)"),
@@ -67,21 +71,23 @@ def make_estimator(method: str, model: torch.nn.Module, data: str, seed: int):
     from ulr.train.recipes import build_estimator as recipe
 
     values = {"model": "lenet5", "data": data, "method": "ulr", "seed": seed}
-    if method == "ulr-lean":
-        values["num_copies"] = 8
+    if method.startswith("ulr-lean"):
+        values["num_copies"] = int(method.rpartition("-")[2]) if method[-1].isdigit() else 8
     (config,) = configs_from_values(values)
     return recipe(config, model, torch.device("cpu"))
 
 
-def run(task: tuple[str, str, int, float, int]) -> dict[str, Any]:
-    """One method and seed, trained past both marks; test accuracy at each."""
-    data, method, seed, time_s, rows_budget = task
+def run(task: tuple) -> dict[str, Any]:
+    """One method and seed, trained past both marks; validation and test accuracy at each.
+    ``task``: data, method, seed, time budget, rows budget[, learning rate]."""
+    data, method, seed, time_s, rows_budget, *rate = task
+    lr = rate[0] if rate else METHODS[method][0]
     torch.set_num_threads(1)
     ds = load_dataset(data, seed)
-    (x, y), (xt, yt) = ds.train, ds.test
+    (x, y), (xv, yv), (xt, yt) = ds.train, ds.val, ds.test
     model = initial_model("lenet5", ds, seed)
     est = make_estimator(method, model, data, seed)
-    opt = torch.optim.Adam(model.parameters(), lr=METHODS[method][0])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     stream = minibatches(x, y, seed)
     cpu, rows, steps, marks = 0.0, 0, 0, {}
     diverged = False
@@ -94,15 +100,17 @@ def run(task: tuple[str, str, int, float, int]) -> dict[str, Any]:
         steps += 1
         for mark, reached in (("time", cpu >= time_s), ("rows", rows >= rows_budget)):
             if reached and mark not in marks:
-                marks[mark] = {"test_acc": accuracy(model, xt, yt), "cpu_s": cpu, "rows": rows,
+                marks[mark] = {"test_acc": accuracy(model, xt, yt),
+                               "val_acc": accuracy(model, xv, yv), "cpu_s": cpu, "rows": rows,
                                "steps": steps}
     for mark in ("time", "rows"):  # a diverged run keeps its last weights' accuracy
-        marks.setdefault(mark, {"test_acc": accuracy(model, xt, yt), "cpu_s": cpu,
+        marks.setdefault(mark, {"test_acc": accuracy(model, xt, yt),
+                                "val_acc": accuracy(model, xv, yv), "cpu_s": cpu,
                                 "rows": rows, "steps": steps})
     print(f"cnn_peers: {data} {method} seed {seed}: "
           + ", ".join(f"{m} {v['test_acc']:.3f}" for m, v in marks.items()),
           file=sys.stderr, flush=True)
-    return {"data": data, "method": method, "seed": seed, "lr": METHODS[method][0],
+    return {"data": data, "method": method, "seed": seed, "lr": lr,
             "rows_per_step": rows / steps, "diverged": diverged, **marks}
 
 
@@ -157,7 +165,36 @@ def write_report(result: dict[str, Any], out: Path, stem: str) -> None:
     best = {mark: max(result["summary"], key=lambda e: e[mark]["mean"])["method"]
             for mark in ("time", "rows")}
     lines += ["", f"Best at equal time: `{best['time']}`; at equal rows: `{best['rows']}`."]
+    if result.get("lr_check"):
+        seed = result["lr_check"][0]["seed"]
+        lines += ["", f"Learning-rate check (seed {seed}, test accuracy at equal time / equal "
+                  "rows; the table's rate first):", "",
+                  "| method | lr | equal time | equal rows |", "|---|---:|---:|---:|"]
+        main_runs = {(r["method"], r["seed"]): r for r in result["runs"]}
+        for method in dict.fromkeys(r["method"] for r in result["lr_check"]):
+            own = main_runs[(method, seed)]
+            for r in [own, *[c for c in result["lr_check"] if c["method"] == method]]:
+                lines.append(f"| `{method}` | {r['lr']:g} | {100 * r['time']['test_acc']:.2f}% | "
+                             f"{100 * r['rows']['test_acc']:.2f}% |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+def lr_check(methods: list[str], path: Path, jobs: int, command: str) -> list[dict[str, Any]]:
+    """Seed 0 of ``methods`` at the grid's other rates, kept beside the runs of ``path``."""
+    result = json.loads(path.read_text())
+    s = result["settings"]
+    tasks = [(s["data"], m, s["seeds"][0], s["time_s"], int(s["rows"]), lr) for m in methods
+             for lr in LR_GRID if lr != METHODS[m][0]]
+    if jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            runs = pool.map(run, tasks, chunksize=1)
+    else:
+        runs = [run(t) for t in tasks]
+    kept = [r for r in result.get("lr_check", []) if r["method"] not in methods]
+    result["lr_check"] = kept + runs
+    result["command"] = f"{result['command']}; {command}"
+    write_report(result, path.parent, path.stem)
+    return runs
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -169,29 +206,42 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--add-seeds", type=int, nargs="+", metavar="SEED",
                    help="run only these seeds and add them to the runs of an existing "
                         "cnn-peers.json of the same budgets")
+    p.add_argument("--add-methods", nargs="+", choices=list(METHODS), metavar="METHOD",
+                   help="(re)run only these methods, for the seeds of an existing cnn-peers.json")
     p.add_argument("--time", type=float, default=60.0, help="CPU seconds per run")
     p.add_argument("--rows", type=float, default=2e6, help="forward rows per run")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--lr-check", nargs="+", metavar="METHOD",
+                   help="train seed 0 of these methods at the other rates of "
+                        f"{list(LR_GRID)} and add them to an existing cnn-peers.json (is "
+                        "each method's rate the best of the grid?)")
     args = p.parse_args(argv)
     data, seeds, time_s, rows, jobs = (("digits", (0,), 0.3, 2e4, 1) if args.smoke else
                                        ("fashion-mnist", tuple(range(args.seeds)), args.time,
                                         args.rows, args.jobs))
     stem = "cnn-peers-smoke" if args.smoke else "cnn-peers"
+    if args.lr_check:
+        return lr_check(args.lr_check, Path(args.out) / f"{stem}.json", jobs,
+                        "python benchmarks/cnn_peers.py "
+                        + " ".join(sys.argv[1:] if argv is None else argv))
     earlier: list[dict[str, Any]] = []
     t_earlier = 0.0
     command = "python benchmarks/cnn_peers.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.add_seeds:
+    old: dict[str, Any] = {}
+    if args.add_seeds or args.add_methods:
         old = json.loads((Path(args.out) / f"{stem}.json").read_text())
         s = old["settings"]
         if (s["data"], s["time_s"], s["rows"]) != (data, time_s, rows):
             raise SystemExit(f"cnn_peers: {args.out}/{stem}.json has other budgets: {s}")
-        earlier = [r for r in old["runs"] if r["seed"] not in args.add_seeds]
-        seeds = tuple(sorted({r["seed"] for r in earlier} | set(args.add_seeds)))
+        new_seeds, new_methods = set(args.add_seeds or ()), set(args.add_methods or ())
+        earlier = [r for r in old["runs"]
+                   if r["seed"] not in new_seeds and r["method"] not in new_methods]
+        seeds = tuple(sorted(set(s["seeds"]) | new_seeds))
         command = f"{old['command']}; {command}"
         t_earlier = old["seconds"]
-    done = {r["seed"] for r in earlier}
-    tasks = [(data, method, seed, time_s, int(rows)) for seed in seeds if seed not in done
-             for method in METHODS]
+    done = {(r["method"], r["seed"]) for r in earlier}
+    tasks = [(data, method, seed, time_s, int(rows)) for seed in seeds for method in METHODS
+             if (method, seed) not in done]
     t0 = time.time()
     if jobs > 1:
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
@@ -203,6 +253,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               "settings": {"data": data, "seeds": list(seeds), "time_s": time_s, "rows": rows,
                            "jobs": jobs},
               "summary": summarize(runs), "runs": runs}
+    if old.get("lr_check"):
+        result["lr_check"] = old["lr_check"]
     write_report(result, Path(args.out), stem)
     return result["summary"]
 

@@ -98,11 +98,15 @@ def test_es_cost_smoke_finds_the_same_estimate_on_both_paths(capsys):
     assert "| digits | mlp | ES, vectorised |" in capsys.readouterr().out
 
 
-def test_cnn_peers_adds_seeds_to_an_earlier_run(tmp_path):
-    """--add-seeds runs only the new seeds and summarises them with the earlier ones."""
+def test_cnn_peers_adds_seeds_and_a_learning_rate_check(tmp_path):
+    """--add-seeds runs only the new seeds and summarises them with the earlier ones;
+    --lr-check adds seed 0 at the other rates of the grid."""
     spec = importlib.util.spec_from_file_location("cnn_peers", ROOT / "benchmarks" / "cnn_peers.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(["--smoke", "--out", str(tmp_path)])
     summary = module.main(["--smoke", "--out", str(tmp_path), "--add-seeds", "1"])
     assert all(len(e["time"]["test_acc"]) == 2 for e in summary)
+    checked = module.main(["--smoke", "--out", str(tmp_path), "--lr-check", "es"])
+    assert sorted(r["lr"] for r in checked) == [1e-3, 1e-2]
+    assert "Learning-rate check" in (tmp_path / "cnn-peers-smoke.md").read_text()
