@@ -40,7 +40,7 @@ import torch
 
 from ulr.evaluate.bench import build_estimator, machine
 from ulr.evaluate.bench.harness import accuracy, generator_for, initial_model, load_dataset
-from ulr.evaluate.bench.tta import train_step
+from ulr.evaluate.bench.tta import minibatches, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 LR_GRID = (1e-3, 3e-3, 1e-2)  # the `ulr bench` grid
@@ -53,15 +53,6 @@ METHODS = {  # name: (learning rate, what it is)
     "spsa": (1e-3, "SPSA/MeZO, one direction (the bench's)"),
     "forward-gradient": (1e-3, "forward gradient, one tangent (the bench's)"),
 }
-
-
-def minibatches(x: torch.Tensor, y: torch.Tensor, seed: int):
-    """Batches of 32, reshuffled every epoch, without end (the bench's data order)."""
-    from ulr.data import batches
-
-    gen = generator_for(seed, 1)
-    while True:
-        yield from batches(x, y, 32, shuffle=True, generator=gen)
 
 
 def make_estimator(method: str, model: torch.nn.Module, data: str, seed: int):
@@ -88,7 +79,7 @@ def run(task: tuple) -> dict[str, Any]:
     model = initial_model("lenet5", ds, seed)
     est = make_estimator(method, model, data, seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    stream = minibatches(x, y, seed)
+    stream = minibatches(x, y, generator_for(seed, 1))
     cpu, rows, steps, marks = 0.0, 0, 0, {}
     diverged = False
     while len(marks) < 2 and not diverged:

@@ -161,9 +161,10 @@ the last checkpoint: --resume DIR goes on.
 """
 
 def _train_description() -> str:
-    from .train.recipes import MODEL_DEFAULTS, as_flags
+    from .train.config_file import flag_args
+    from .train.recipes import MODEL_DEFAULTS
 
-    listed = "\n".join(f"  {m}: {as_flags(v)}" for m, v in MODEL_DEFAULTS.items())
+    listed = "\n".join(f"  {m}: {' '.join(flag_args(v))}" for m, v in MODEL_DEFAULTS.items())
     return _TRAIN_DESCRIPTION.format(model_defaults=listed)
 
 

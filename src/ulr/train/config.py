@@ -53,6 +53,7 @@ __all__ = [
     "LOSSES",
     "TABLES",
     "check_values",
+    "reads",
     "configs_from_values",
     "field_help",
     "keys",
@@ -71,13 +72,17 @@ ULR_OPTIONS = (*NOISE_OPTIONS, "num_copies", "sampler", "baseline", "baseline_de
                "blocks", "memory", "chunk_size", "workers", "exchange")
 
 
+def reads(method: str, key: str) -> bool:
+    """Whether a run of ``method`` reads the option ``key`` (ULR options: ``ulr`` all of them,
+    ``bp-noise`` its noise; every other key: every method)."""
+    return key not in ULR_OPTIONS or method == "ulr" or (method == "bp-noise"
+                                                          and key in NOISE_OPTIONS)
+
+
 def check_options_used(keys: Iterable[str], methods: Sequence[str], source: str) -> None:
     """Refuse ULR options given for a run in which no method reads them (``--num-copies 64
     --method es`` would be recorded although ES ignores it)."""
-    def used(key: str) -> bool:
-        return any(m == "ulr" or (m == "bp-noise" and key in NOISE_OPTIONS) for m in methods)
-
-    unused = [k for k in keys if k in ULR_OPTIONS and not used(k)]
+    unused = [k for k in keys if not any(reads(m, k) for m in methods)]
     if unused:
         raise ConfigError(
             f"{source}: {', '.join(unused)} only change{'s' if len(unused) == 1 else ''} the "
@@ -446,19 +451,10 @@ class RunConfig:
 
 
 _FIELDS = {f.name: f for f in fields(RunConfig)}
-_TYPES = {
-    "model": str, "model_args": dict, "model_defaults": bool, "data": str, "data_dir": str,
-    "val_fraction": float, "method": str, "method_args": dict, "loss": str, "num_copies": int,
-    "noise": str, "sigma": float, "site_sigma": dict, "sampler": str, "baseline": str,
-    "baseline_decay": float, "plan": str, "sites": list, "blocks": int, "recommended": bool,
-    "memory": str, "chunk_size": int, "workers": int, "optimizer": str, "lr": float,
-    "momentum": float, "weight_decay": float, "schedule": str, "step_size": int, "gamma": float,
-    "grad_clip": float, "batch_size": int, "epochs": int, "max_steps": int, "seed": int,
-    "device": str, "threads": int, "eval_batch_size": int, "log_every": int,
-    "checkpoint_every": int, "early_stop": int, "diag_every": int, "exchange": str,
-    "warmup_steps": int, "tensorboard": bool,
-}
-assert set(_TYPES) == set(_FIELDS), "every RunConfig field needs a type in _TYPES"
+# each field's type, from its annotation ("int | None" -> int, "dict[str, Any]" -> dict)
+_TYPES: dict[str, type] = {
+    f.name: {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}[
+        str(f.type).split(" |")[0].split("[")[0]] for f in fields(RunConfig)}
 _OPTIONAL = {n for n, f in _FIELDS.items() if f.default is None}
 
 

@@ -9,16 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .config import (
-    NOISE_OPTIONS,
-    TABLES,
-    ULR_OPTIONS,
-    ConfigError,
-    RunConfig,
-    check_values,
-    configs_from_values,
-    keys,
-)
+from .config import TABLES, ConfigError, RunConfig, check_values, configs_from_values, keys, reads
 
 try:
     import tomllib
@@ -120,27 +111,34 @@ def to_command(config: RunConfig, command: str = "train") -> str:
 
     base = RunConfig().to_dict()
     # options the method does not read change nothing, and the command line refuses them
-    unread = [k for k in ULR_OPTIONS if not (config.method == "ulr" or (
-        config.method == "bp-noise" and k in NOISE_OPTIONS))]
-    config = config.replace(**{k: base[k] for k in unread})
+    config = config.replace(**{k: base[k] for k in base if not reads(config.method, k)})
     values = {k: v for k, v in config.to_dict().items()
               if k in ("model", "data", "method") or (v != base[k] and k != "model_defaults")}
     values = _exact(config, values)
-    parts = ["ulr", command, "--method", values.pop("method")]
-    flags = {"model_args": "--model-arg", "method_args": "--method-arg",
-             "site_sigma": "--site-sigma"}
+    return shlex.join(["ulr", command, "--method", values.pop("method"), *flag_args(values)])
+
+
+_TABLE_FLAGS = {"model_args": "--model-arg", "method_args": "--method-arg",
+                "site_sigma": "--site-sigma"}
+
+
+def flag_args(values: dict[str, Any]) -> list[str]:
+    """Config values as ``ulr train`` arguments (``["--sites", "pool1", "pool2",
+    "--num-copies", "64"]``); unset (``None``) values are left out."""
+    parts: list[str] = []
     for key, value in values.items():
         flag = "--" + key.replace("_", "-")
-        if key in flags:
+        if key in _TABLE_FLAGS:
             for k, v in value.items():
-                parts += [flags[key], f"{k}={_toml_value(v) if not isinstance(v, str) else v}"]
+                parts += [_TABLE_FLAGS[key],
+                          f"{k}={_toml_value(v) if not isinstance(v, str) else v}"]
         elif isinstance(value, bool):
             parts.append(flag if value else f"--no-{flag[2:]}")
         elif isinstance(value, list):
             parts += [flag, *map(str, value)]
         elif value is not None:
             parts += [flag, str(value)]
-    return shlex.join(parts)
+    return parts
 
 
 def to_toml(config: RunConfig, header: str = "") -> str:

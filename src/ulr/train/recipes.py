@@ -61,27 +61,13 @@ def model_defaults(model: str, method: str, given: Iterable[str]) -> dict[str, A
     methods that read them (every one for ``ulr``, the noise for ``bp-noise``). ``blocks``
     chooses the sites itself, and ``recommended`` is a whole estimator configuration of its
     own, so either drops the model's estimator values."""
-    from .config import NOISE_OPTIONS, ULR_OPTIONS
+    from .config import ULR_OPTIONS, reads
 
     given = set(given)
-    defaults = MODEL_DEFAULTS.get(model, {})
     own_estimator = bool(given & {"blocks", "recommended"})
-
-    def applies(key: str) -> bool:
-        if key in given:
-            return False
-        if key not in ULR_OPTIONS:
-            return True
-        reads = method == "ulr" or (method == "bp-noise" and key in NOISE_OPTIONS)
-        return reads and not own_estimator
-
-    return {k: v for k, v in defaults.items() if applies(k)}
-
-
-def as_flags(values: dict[str, Any]) -> str:
-    """Config values as ``ulr train`` flags (``--sites pool1 pool2 --num-copies 64``)."""
-    return " ".join(f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
-                    for k, v in values.items())
+    return {k: v for k, v in MODEL_DEFAULTS.get(model, {}).items()
+            if k not in given and reads(method, k)
+            and not (own_estimator and k in ULR_OPTIONS)}
 
 
 def stream_seed(seed: int, stream: str) -> int:

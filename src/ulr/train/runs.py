@@ -242,7 +242,8 @@ def train(flags: dict[str, Any], *, config_file: str | None, out: str | None,
 
 def _note_model_defaults(configs: Sequence[RunConfig], values: dict[str, Any]) -> None:
     """Say which of the model's own defaults the runs took (the user set the others)."""
-    from .recipes import as_flags, model_defaults
+    from .config_file import flag_args
+    from .recipes import model_defaults
 
     taken: dict[str, Any] = {}
     for c in configs:
@@ -250,7 +251,7 @@ def _note_model_defaults(configs: Sequence[RunConfig], values: dict[str, Any]) -
             taken.update(model_defaults(c.model, c.method, values))
     if taken:
         print(f"{configs[0].model}'s own defaults where you set none (--no-model-defaults: the "
-              f"generic ones): {as_flags(taken)}", file=sys.stderr)
+              f"generic ones): {' '.join(flag_args(taken))}", file=sys.stderr)
 
 
 def compare(flags: dict[str, Any], *, config_files: Sequence[str], out: str | None,

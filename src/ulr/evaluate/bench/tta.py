@@ -46,7 +46,7 @@ def train_step(model: nn.Module, estimator: Any, optimizer: torch.optim.Optimize
     return True
 
 
-def _minibatches(x: Tensor, y: Tensor, generator: torch.Generator) -> Iterator[tuple]:
+def minibatches(x: Tensor, y: Tensor, generator: torch.Generator) -> Iterator[tuple]:
     """Minibatches of :data:`~.harness.BATCH` examples, reshuffled every epoch, without end."""
     from ...data import batches
 
@@ -70,7 +70,7 @@ def train_run(dataset: str, model_name: str, method: str, lr: float, seed: int,
     model = initial_model(model_name, ds, seed)
     est = build_estimator(method, model, generator_for(seed, 2))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    stream = _minibatches(x, y, generator_for(seed, 1))
+    stream = minibatches(x, y, generator_for(seed, 1))
 
     # The measuring: CPU time of the steps only; the test accuracy at each fraction of the budget.
     marks = sorted({min(1.0, max(0.0, f)) for f in eval_fractions})
